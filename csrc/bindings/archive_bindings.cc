@@ -1,0 +1,329 @@
+// Archive, record views and verification. I/O, copies and CRC work run with the
+// GIL released; everything touching Python objects holds it.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <thread>
+
+#include "bindings/common.h"
+#include "core/checked_math.h"
+#include "core/copy_engine.h"
+#include "core/crc32.h"
+#include "core/errors.h"
+
+namespace fastckpt::bindings {
+namespace {
+
+std::string where(const ZipRecord& r) {
+  return "record '" + r.name + "' (data at offset " + std::to_string(r.data_offset) + ")";
+}
+
+enum class CrcStatus { Ok, Mismatch, Unrecorded };
+
+const char* status_name(CrcStatus s) {
+  switch (s) {
+    case CrcStatus::Ok: return "ok";
+    case CrcStatus::Mismatch: return "mismatch";
+    case CrcStatus::Unrecorded: return "unrecorded";
+  }
+  return "?";
+}
+
+CrcStatus judge(const ZipRecord& r, uint32_t actual) {
+  // torch.save(compute_crc32=False) writes 0: "not recorded", not corruption.
+  if (r.crc32 == 0 && r.size != 0) return CrcStatus::Unrecorded;
+  return r.crc32 == actual ? CrcStatus::Ok : CrcStatus::Mismatch;
+}
+
+[[noreturn]] void crc_failure(const ZipRecord& r, uint32_t actual) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "stored 0x%08x, computed 0x%08x", r.crc32, actual);
+  fail(ErrorKind::Integrity, "CRC-32 mismatch in " + where(r) + ": " + buf +
+                                 "; the file is corrupted (run `fastckpt verify` for a full report)");
+}
+
+// Runs `tasks` with the GIL released and returns their CRCs.
+std::vector<CopyResult> copies_without_gil(const Archive& a, const std::vector<CopyTask>& tasks,
+                                           unsigned threads) {
+  py::gil_scoped_release release;
+  return run_copies(*a.file, tasks, threads);
+}
+
+// The eager read of many records into one arena, running on a background
+// thread so the caller can unpickle meanwhile. wait() rethrows its failure.
+class ReadJob {
+ public:
+  ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
+          unsigned threads)
+      : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc) {
+    uint64_t total = 0;
+    offsets_.reserve(records_.size());
+    for (const ZipRecord* r : records_) {
+      archive_->stored_view(*r);  // validates method and bounds before sizing anything
+      total = (total + 63) & ~uint64_t{63};  // 64-byte aligned, like torch's allocator
+      offsets_.push_back(total);
+      if (!checked_add(total, r->size, &total)) fail(ErrorKind::Limit, "records too large");
+    }
+    // Bounded by the file: every record lies inside it (checked above) and
+    // records do not overlap, so total <= file size + 64 per record.
+    arena_ = MappedFile::anonymous(static_cast<size_t>(total));
+    arena_->advise(Advice::HugePage);
+    std::vector<CopyTask> tasks;
+    tasks.reserve(records_.size());
+    for (size_t i = 0; i < records_.size(); ++i)
+      tasks.push_back({records_[i]->data_offset, records_[i]->size,
+                       arena_->mutable_data() + offsets_[i], check_crc_});
+    worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
+      try {
+        results_ = run_copies(*archive_->file, tasks, threads);
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+    });
+  }
+  ~ReadJob() {
+    if (worker_.joinable()) {
+      py::gil_scoped_release release;
+      worker_.join();
+    }
+  }
+
+  ByteView buffer() const { return {arena_, arena_->mutable_data(), arena_->size()}; }
+  const std::vector<uint64_t>& offsets() const { return offsets_; }
+
+  // Waits for the copies (GIL released), then raises IntegrityError for the
+  // first record whose CRC does not match.
+  void wait() {
+    if (worker_.joinable()) {
+      py::gil_scoped_release release;
+      worker_.join();
+    }
+    if (error_) std::rethrow_exception(error_);
+    if (!check_crc_) return;
+    for (size_t i = 0; i < records_.size(); ++i)
+      if (judge(*records_[i], results_[i].crc32) == CrcStatus::Mismatch)
+        crc_failure(*records_[i], results_[i].crc32);
+  }
+
+ private:
+  std::shared_ptr<Archive> archive_;
+  std::vector<const ZipRecord*> records_;
+  bool check_crc_;
+  std::vector<uint64_t> offsets_;
+  std::shared_ptr<MappedFile> arena_;
+  std::vector<CopyResult> results_;
+  std::exception_ptr error_;
+  std::thread worker_;
+};
+
+py::dict record_dict(const ZipRecord& r) {
+  py::dict d;
+  d["name"] = r.name;
+  d["header_offset"] = r.header_offset;
+  d["data_offset"] = r.data_offset;
+  d["compressed_size"] = r.compressed_size;
+  d["size"] = r.size;
+  d["crc32"] = r.crc32;
+  d["method"] = r.method;
+  d["flags"] = r.flags;
+  d["alignment"] = r.alignment();
+  return d;
+}
+
+}  // namespace
+
+const ZipRecord& Archive::record(const std::string& name) const {
+  const ZipRecord* r = index.find(name);
+  if (r == nullptr) fail(ErrorKind::Record, "record '" + name + "' not found in the archive");
+  return *r;
+}
+
+ByteView Archive::stored_view(const ZipRecord& r) const {
+  if (r.method != 0)
+    fail(ErrorKind::Record, where(r) + " is compressed (method " + std::to_string(r.method) +
+                                ") and cannot be viewed in place");
+  if (r.compressed_size != r.size || !range_within(r.data_offset, r.size, file->size()))
+    fail(ErrorKind::Record, where(r) + " does not lie within the file");
+  return {file, file->mutable_data() + r.data_offset, static_cast<size_t>(r.size)};
+}
+
+void register_archive(py::module_& m) {
+  py::class_<ByteView>(m, "ByteView", py::buffer_protocol(),
+                       "Writable 1-D bytes that keep their archive's memory alive.")
+      .def_buffer([](ByteView& v) {
+        return py::buffer_info(v.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(v.size)}, {1}, /*readonly=*/false);
+      })
+      .def("__len__", [](const ByteView& v) { return v.size; })
+      .def_property_readonly("address", [](const ByteView& v) {
+        return reinterpret_cast<uintptr_t>(v.data);
+      });
+
+  m.def(
+      "allocate", [](size_t size) {
+        auto f = MappedFile::anonymous(size);
+        return ByteView{f, f->mutable_data(), f->size()};
+      },
+      py::arg("size"), "Zero-filled writable memory to read a file-like object into.");
+
+  py::class_<ReadJob>(m, "ReadJob")
+      .def_property_readonly("buffer", &ReadJob::buffer)
+      .def_property_readonly("offsets", &ReadJob::offsets)
+      .def("wait", &ReadJob::wait, "Wait for the reads; raises IntegrityError on a CRC mismatch.");
+
+  py::class_<Archive, std::shared_ptr<Archive>>(m, "Archive")
+      .def_static(
+          "open",
+          [](const std::string& path) {
+            py::gil_scoped_release release;
+            auto file = MappedFile::open(path);
+            // Header reads touch a few bytes each: no readahead of the data.
+            file->advise(Advice::Random);
+            ZipIndex index = ZipIndex::parse(file->data(), file->size());
+            file->advise(Advice::Normal);
+            return std::make_shared<Archive>(Archive{std::move(file), std::move(index)});
+          },
+          py::arg("path"), "Map the file at `path` and index it (GIL released).")
+      .def_static(
+          "from_buffer",
+          [](const ByteView& bytes) {
+            if (bytes.data != bytes.owner->data() || bytes.size != bytes.owner->size())
+              throw py::value_error("from_buffer needs a whole buffer from allocate()");
+            py::gil_scoped_release release;
+            ZipIndex index = ZipIndex::parse(bytes.owner->data(), bytes.owner->size());
+            return std::make_shared<Archive>(Archive{bytes.owner, std::move(index)});
+          },
+          py::arg("buffer"), "Index an in-memory archive filled through allocate().")
+      .def_property_readonly("prefix", [](const Archive& a) { return a.index.prefix(); })
+      .def_property_readonly("size", [](const Archive& a) { return a.file->size(); })
+      .def_property_readonly("path", [](const Archive& a) { return a.file->path(); })
+      .def_property_readonly("central_directory_offset",
+                             [](const Archive& a) { return a.index.central_directory_offset(); })
+      .def("records",
+           [](const Archive& a) {
+             py::list out;
+             for (const ZipRecord& r : a.index.records()) out.append(record_dict(r));
+             return out;
+           })
+      .def("names",
+           [](const Archive& a) {
+             py::list out;
+             for (const ZipRecord& r : a.index.records()) out.append(py::str(r.name));
+             return out;
+           })
+      .def("__contains__", [](const Archive& a, const std::string& name) {
+        return a.index.find(name) != nullptr;
+      })
+      .def("record", [](const Archive& a, const std::string& name) { return record_dict(a.record(name)); })
+      .def("view", [](const Archive& a, const std::string& name) { return a.stored_view(a.record(name)); },
+           py::arg("name"), "Zero-copy writable view of a stored record (copy-on-write for files).")
+      .def("whole", [](const Archive& a) { return ByteView{a.file, a.file->mutable_data(), a.file->size()}; },
+           "Zero-copy view of the whole archive.")
+      .def(
+          "read",
+          [](const Archive& a, const std::string& name, bool check_crc) {
+            const ZipRecord& r = a.record(name);
+            ByteView v = a.stored_view(r);
+            if (check_crc) {
+              uint32_t actual;
+              {
+                py::gil_scoped_release release;
+                actual = crc32(0, v.data, v.size);
+              }
+              if (judge(r, actual) == CrcStatus::Mismatch) crc_failure(r, actual);
+            }
+            return py::bytes(reinterpret_cast<const char*>(v.data), v.size);
+          },
+          py::arg("name"), py::arg("check_crc") = true, "The bytes of a small stored record, CRC-checked.")
+      .def(
+          "compressed_view",
+          [](const Archive& a, const std::string& name) {
+            const ZipRecord& r = a.record(name);
+            if (!range_within(r.data_offset, r.compressed_size, a.file->size()))
+              fail(ErrorKind::Record, where(r) + " does not lie within the file");
+            return ByteView{a.file, a.file->mutable_data() + r.data_offset,
+                            static_cast<size_t>(r.compressed_size)};
+          },
+          py::arg("name"), "The stored bytes of a deflated record, for capped inflation by the caller.")
+      .def(
+          "read_into",
+          [](const Archive& a, const std::string& name, py::buffer dest, bool check_crc, unsigned threads) {
+            const ZipRecord& r = a.record(name);
+            a.stored_view(r);
+            BorrowedBuffer out(dest, /*writable=*/true);
+            if (out.size() != r.size)
+              fail(ErrorKind::Record, where(r) + " holds " + std::to_string(r.size) +
+                                          " bytes but the destination has " + std::to_string(out.size()));
+            auto results = copies_without_gil(a, {{r.data_offset, r.size, out.data(), check_crc}}, threads);
+            if (!check_crc) return std::string("unchecked");
+            CrcStatus s = judge(r, results[0].crc32);
+            if (s == CrcStatus::Mismatch) crc_failure(r, results[0].crc32);
+            return std::string(status_name(s));
+          },
+          py::arg("name"), py::arg("dest"), py::arg("check_crc") = true, py::arg("threads") = 0,
+          "Copy a stored record into a writable buffer of exactly its size (GIL released).")
+      .def(
+          "read_records_async",
+          [](std::shared_ptr<Archive> a, const std::vector<std::string>& names, bool check_crc,
+             unsigned threads) {
+            std::vector<const ZipRecord*> records;
+            records.reserve(names.size());
+            for (const std::string& n : names) records.push_back(&a->record(n));
+            return std::make_unique<ReadJob>(a, std::move(records), check_crc, threads);
+          },
+          py::arg("names"), py::arg("check_crc") = true, py::arg("threads") = 0,
+          "Start reading records into one owned arena on worker threads.")
+      .def(
+          "verify",
+          [](const Archive& a, std::optional<std::vector<std::string>> names, unsigned threads) {
+            std::vector<const ZipRecord*> records;
+            if (names) {
+              for (const std::string& n : *names) records.push_back(&a.record(n));
+            } else {
+              for (const ZipRecord& r : a.index.records()) records.push_back(&r);
+            }
+            std::vector<CopyTask> tasks;
+            std::vector<std::string> problems(records.size());
+            for (size_t i = 0; i < records.size(); ++i) {
+              const ZipRecord& r = *records[i];
+              // A deflated record's CRC covers the inflated bytes: checked by
+              // the Python layer, which owns the inflation cap.
+              if (r.method != 0) {
+                problems[i] = "compressed";
+                continue;
+              }
+              tasks.push_back({r.data_offset, r.size, nullptr, true});
+            }
+            auto results = copies_without_gil(a, tasks, threads);
+            py::list out;
+            size_t k = 0;
+            for (size_t i = 0; i < records.size(); ++i) {
+              const ZipRecord& r = *records[i];
+              py::dict d = record_dict(r);
+              if (!problems[i].empty()) {
+                d["status"] = problems[i];
+                d["computed"] = py::none();
+              } else {
+                uint32_t actual = results[k++].crc32;
+                d["status"] = status_name(judge(r, actual));
+                d["computed"] = actual;
+              }
+              out.append(d);
+            }
+            return out;
+          },
+          py::arg("names") = py::none(), py::arg("threads") = 0,
+          "CRC-32 of records in parallel (GIL released); a dict per record with a status.")
+      .def(
+          "advise",
+          [](const Archive& a, const std::string& advice) {
+            Advice adv = advice == "sequential" ? Advice::Sequential
+                         : advice == "random"   ? Advice::Random
+                         : advice == "willneed" ? Advice::WillNeed
+                                                : Advice::Normal;
+            a.file->advise(adv);
+          },
+          py::arg("advice"), "madvise the whole mapping: normal, sequential, random or willneed.");
+}
+
+}  // namespace fastckpt::bindings

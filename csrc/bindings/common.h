@@ -1,0 +1,53 @@
+// Shared by the binding translation units: the Python-side types that own core
+// objects. Every function here expects the GIL to be held unless it says so.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/mapped_file.h"
+#include "core/zip_index.h"
+
+namespace fastckpt::bindings {
+
+namespace py = pybind11;
+
+// A writable 1-D byte range over memory owned by `owner`; exports the buffer
+// protocol and keeps `owner` alive for as long as any Python object (a
+// memoryview, a torch tensor from torch.frombuffer) references it.
+struct ByteView {
+  std::shared_ptr<MappedFile> owner;
+  uint8_t* data;
+  size_t size;
+};
+
+// A contiguous buffer borrowed from a Python object for the duration of a call.
+struct BorrowedBuffer {
+  Py_buffer view{};
+  BorrowedBuffer(py::handle obj, bool writable) {
+    if (PyObject_GetBuffer(obj.ptr(), &view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) != 0)
+      throw py::error_already_set();
+  }
+  ~BorrowedBuffer() { PyBuffer_Release(&view); }
+  uint8_t* data() const { return static_cast<uint8_t*>(view.buf); }
+  size_t size() const { return static_cast<size_t>(view.len); }
+};
+
+// An opened archive: the bytes plus their validated index.
+struct Archive {
+  std::shared_ptr<MappedFile> file;
+  ZipIndex index;
+
+  const ZipRecord& record(const std::string& name) const;  // throws RecordError
+  // The data of a stored record, checked to lie within the file and to have
+  // compressed_size == size; throws RecordError otherwise.
+  ByteView stored_view(const ZipRecord& record) const;
+};
+
+void register_archive(py::module_& m);
+void register_unpickler(py::module_& m);
+
+}  // namespace fastckpt::bindings

@@ -1,0 +1,61 @@
+// The extension module fastckpt._core: error translation and registration.
+#include <pybind11/pybind11.h>
+
+#include "bindings/common.h"
+#include "core/crc32.h"
+#include "core/errors.h"
+
+namespace fastckpt::bindings {
+namespace {
+
+const char* exception_name(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::Format: return "FormatError";
+    case ErrorKind::Integrity: return "IntegrityError";
+    case ErrorKind::Record: return "RecordError";
+    case ErrorKind::Limit: return "LimitError";
+    case ErrorKind::Unpickling: return "UnpicklingError";
+    case ErrorKind::UnsafeGlobal: return "UnsafeGlobalError";
+    case ErrorKind::Metadata: return "MetadataError";
+  }
+  return "CheckpointError";
+}
+
+// The Python classes live in fastckpt.errors; looked up when first needed so
+// the extension stays importable on its own.
+void translate(const Error& e) {
+  py::object cls = py::module_::import("fastckpt.errors").attr(exception_name(e.kind()));
+  PyErr_SetString(cls.ptr(), e.what());
+}
+
+}  // namespace
+}  // namespace fastckpt::bindings
+
+PYBIND11_MODULE(_core, m) {
+  namespace py = pybind11;
+  using namespace fastckpt;
+  m.doc() = "fastckpt native core: strict zip index, mmap, CRC-32, restricted unpickler";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      bindings::translate(e);
+    }
+  });
+
+  m.def(
+      "crc32",
+      [](py::buffer data, uint32_t value) {
+        bindings::BorrowedBuffer in(data, /*writable=*/false);
+        py::gil_scoped_release release;
+        return crc32(value, in.data(), in.size());
+      },
+      py::arg("data"), py::arg("value") = 0,
+      "CRC-32 of a contiguous buffer, continuing `value` (like zlib.crc32). Releases the GIL.");
+  m.def("crc32_combine", &crc32_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
+  m.def("crc32_implementation", &crc32_implementation);
+
+  bindings::register_archive(m);
+  bindings::register_unpickler(m);
+}

@@ -1,0 +1,35 @@
+// A small thread pool that moves byte ranges of a checkpoint into destination
+// buffers and computes CRC-32 on the way. No Python, no GIL: callers release it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/mapped_file.h"
+
+namespace fastckpt {
+
+struct CopyTask {
+  uint64_t source_offset;  // into the MappedFile (bounds-checked by the engine)
+  uint64_t length;
+  uint8_t* destination;    // nullptr: CRC only (verify)
+  bool compute_crc;
+};
+
+struct CopyResult {
+  uint32_t crc32 = 0;      // valid when the task asked for it
+};
+
+// Default worker count: the number of CPUs the process may run on.
+unsigned default_thread_count() noexcept;
+
+// Runs every task, splitting large ones into chunks spread over `threads`
+// workers (0 = default_thread_count()). Files with a descriptor are read with
+// pread(2) so eager copies do not fault the mapping into the process;
+// anonymous buffers are copied with memcpy. Throws std::system_error on I/O
+// errors and fastckpt::Error(Record) when a range lies outside the file.
+std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
+                                   unsigned threads = 0);
+
+}  // namespace fastckpt

@@ -1,0 +1,11 @@
+"""The only module that imports the compiled extension; everything else uses it through here."""
+
+from fastckpt._core import (  # noqa: F401  (re-exported)
+    Archive,
+    ByteView,
+    ReadJob,
+    allocate,
+    crc32,
+    crc32_combine,
+    crc32_implementation,
+)

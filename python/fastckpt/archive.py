@@ -1,0 +1,120 @@
+"""Opening archives (paths or file-like objects) and verifying their CRC-32s."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+from fastckpt import _native
+from fastckpt.errors import LimitError, RecordError
+
+# A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
+# never beyond this many bytes nor beyond what its header declares.
+MAX_INFLATED_BYTES = 1 << 30
+
+
+def open_archive(f) -> _native.Archive:
+    """Index the checkpoint at path `f`, or in file-like `f` from its current position."""
+    if isinstance(f, (str, os.PathLike)):
+        return _native.Archive.open(os.fspath(f))
+    start = f.tell()
+    end = f.seek(0, os.SEEK_END)
+    f.seek(start)
+    buffer = _native.allocate(end - start)
+    view = memoryview(buffer)
+    filled = 0
+    readinto = getattr(f, "readinto", None)
+    while filled < len(view):
+        if readinto is not None:
+            n = readinto(view[filled:])
+        else:
+            chunk = f.read(len(view) - filled)
+            n = len(chunk)
+            view[filled : filled + n] = chunk
+        if not n:
+            break
+        filled += n
+    view.release()
+    return _native.Archive.from_buffer(buffer)
+
+
+def read_record(archive: _native.Archive, name: str, check_crc: bool = True) -> bytes:
+    """The bytes of a (small) record: stored records are copied, deflated ones inflated under a cap."""
+    info = archive.record(name)
+    if info["method"] == 0:
+        return archive.read(name, check_crc)
+    return _inflate(archive, info, check_crc)
+
+
+def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
+    name = info["name"]
+    if info["method"] != 8:
+        raise RecordError(f"record '{name}' uses compression method {info['method']}; only stored and deflate are read")
+    if info["size"] > MAX_INFLATED_BYTES:
+        raise LimitError(f"record '{name}' declares {info['size']} inflated bytes, over the {MAX_INFLATED_BYTES}-byte cap")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(archive.compressed_view(name), info["size"] + 1)
+    except zlib.error as e:
+        raise RecordError(f"record '{name}' is not valid deflate data: {e}") from None
+    if len(data) != info["size"] or not inflater.eof:
+        raise RecordError(f"record '{name}' inflates to a size other than the {info['size']} bytes its header declares")
+    if check_crc and info["crc32"] and zlib.crc32(data) != info["crc32"]:
+        from fastckpt.errors import IntegrityError
+
+        raise IntegrityError(
+            f"CRC-32 mismatch in record '{name}': stored 0x{info['crc32']:08x}, computed 0x{zlib.crc32(data):08x}"
+        )
+    return data
+
+
+@dataclasses.dataclass
+class RecordStatus:
+    name: str
+    size: int
+    stored_crc32: int
+    computed_crc32: int | None
+    status: str  # "ok", "mismatch", "unrecorded" (CRC 0 written by compute_crc32=False), "invalid"
+    data_offset: int
+    alignment: int
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    path: str
+    prefix: str
+    records: list[RecordStatus]
+    crc32_implementation: str
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status in ("ok", "unrecorded") for r in self.records)
+
+    @property
+    def failures(self) -> list[RecordStatus]:
+        return [r for r in self.records if r.status not in ("ok", "unrecorded")]
+
+
+def verify(path, *, threads: int | None = None) -> VerifyReport:
+    """Check every record's CRC-32 in parallel; returns a per-record report.
+
+    A structurally malformed file raises a :class:`fastckpt.CheckpointError`
+    subclass; CRC mismatches are reported (``report.ok`` is False), not raised.
+    """
+    archive = open_archive(path)
+    statuses = []
+    for r in archive.verify(None, threads or 0):
+        computed, status = r["computed"], r["status"]
+        if status == "compressed":
+            try:
+                computed = zlib.crc32(_inflate(archive, r, check_crc=False))
+                status = "unrecorded" if r["crc32"] == 0 and r["size"] else ("ok" if computed == r["crc32"] else "mismatch")
+            except RecordError:
+                status = "invalid"
+        statuses.append(
+            RecordStatus(r["name"], r["size"], r["crc32"], computed, status, r["data_offset"], r["alignment"])
+        )
+    name = path if isinstance(path, (str, os.PathLike)) else "<file object>"
+    return VerifyReport(os.fspath(name) if not isinstance(name, str) else name, archive.prefix, statuses,
+                        _native.crc32_implementation())
