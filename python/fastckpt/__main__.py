@@ -1,0 +1,5 @@
+import sys
+
+from fastckpt.cli import main
+
+sys.exit(main())
