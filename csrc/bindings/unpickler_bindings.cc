@@ -1,5 +1,556 @@
+// The Python object builder for the core pickle machine, and `unpickle`.
+//
+// Policy (what a global resolves to, what NEWOBJ and BUILD may touch) lives in
+// Python, in fastckpt/_unpickle.py, behind the `ctx` object; this file does the
+// per-opcode work that must be fast: containers, strings, numbers, storages
+// and the tensors made by torch._utils._rebuild_tensor_v2/_v3. Storages are
+// kept lazy (a slot, not a Python object) until something other than a fast
+// tensor rebuild needs them, so a tensor costs one call into torch.
+//
+// Every function here runs with the GIL held.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <deque>
+#include <memory>
+#include <unordered_map>
+
 #include "bindings/common.h"
+#include "core/checked_math.h"
+#include "core/crc32.h"
+#include "core/errors.h"
+#include "core/pickle_vm.h"
+#include "core/tensor_bounds.h"
 
 namespace fastckpt::bindings {
-void register_unpickler(py::module_&) {}
+namespace {
+
+// A storage record as it will be seen by tensors: where its bytes are in the
+// source buffer, and the Python objects made for it so far.
+struct StorageSlot {
+  uint64_t source_offset = 0;
+  uint64_t nbytes = 0;
+  py::object dtype;       // from the first persistent id naming this key
+  uint32_t itemsize = 1;
+  py::object untyped;     // torch.UntypedStorage, made on first need
+  py::object typed;       // torch.storage.TypedStorage, made on first need
+};
+
+struct Lazy;
+
+struct PyValue {
+  py::object obj;              // null while the value is lazy
+  std::shared_ptr<Lazy> lazy;  // a storage slot, or a tuple holding one
+  uint32_t depth = 0;          // container nesting, for the cap
+  bool global = false;         // resolved by GLOBAL: may be called / instantiated
+};
+
+struct Lazy {
+  StorageSlot* slot = nullptr;  // a storage ...
+  std::vector<PyValue> items;   // ... or a tuple with a lazy item
+  uint32_t nesting = 0;         // lazy tuples inside this one
+  py::object materialized;
+};
+
+constexpr uint32_t kMaxLazyNesting = 8;
+
+[[noreturn]] void unsafe(const std::string& what) { fail(ErrorKind::UnsafeGlobal, what); }
+
+std::string type_name(py::handle obj) {
+  return py::str(py::type::handle_of(obj)).cast<std::string>();
+}
+
+int64_t as_int64(py::handle v, const char* what) {
+  if (!PyLong_CheckExact(v.ptr()) && !PyBool_Check(v.ptr()))
+    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not an int");
+  int overflow = 0;
+  long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0) fail(ErrorKind::Metadata, std::string("tensor ") + what + " does not fit in 64 bits");
+  return x;
+}
+
+std::vector<int64_t> as_int64_list(py::handle v, const char* what) {
+  if (!PyTuple_Check(v.ptr()))  // torch.Size is a tuple subclass
+    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not a tuple");
+  Py_ssize_t n = PyTuple_GET_SIZE(v.ptr());
+  if (n > static_cast<Py_ssize_t>(kMaxTensorDims))
+    fail(ErrorKind::Metadata, "tensor has " + std::to_string(n) + " dimensions (at most " +
+                                  std::to_string(kMaxTensorDims) + " are accepted)");
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = as_int64(PyTuple_GET_ITEM(v.ptr(), i), what);
+  return out;
+}
+
+// Where storages come from in the fast path.
+struct StorageSource {
+  std::shared_ptr<Archive> archive;
+  py::object buffer;                                   // memoryview over the bytes
+  const uint8_t* base = nullptr;                       // start of that buffer
+  std::unordered_map<const ZipRecord*, uint64_t> arena_offsets;  // eager reads; empty: mmap
+};
+
+class PyBuilder {
+ public:
+  using Value = PyValue;
+
+  PyBuilder(py::object ctx, std::optional<StorageSource> source)
+      : ctx_(std::move(ctx)), source_(std::move(source)) {
+    py::module_ torch = py::module_::import("torch");
+    frombuffer_ = torch.attr("frombuffer");
+    empty_ = torch.attr("empty");
+    uint8_ = torch.attr("uint8");
+    typed_storage_ = py::module_::import("torch.storage").attr("TypedStorage");
+    untyped_storage_cls_ = torch.attr("UntypedStorage");
+    rebuild_v2_ = ctx_.attr("rebuild_tensor_v2");
+    rebuild_v3_ = ctx_.attr("rebuild_tensor_v3");
+    rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
+    encoding_ = ctx_.attr("encoding").cast<std::string>();
+    empty_shape_ = py::make_tuple(0);
+  }
+
+  // ---- scalars and strings ------------------------------------------------
+  Value none() { return plain(py::none()); }
+  Value boolean(bool v) { return plain(py::bool_(v)); }
+  Value integer(int64_t v) { return plain(steal(PyLong_FromLongLong(v))); }
+  Value big_integer(const uint8_t* le, size_t n) {
+    if (n == 0) return integer(0);
+    if (n <= 8) {
+      uint64_t u = 0;
+      for (size_t i = n; i-- > 0;) u = (u << 8) | le[i];
+      if (n < 8 && (le[n - 1] & 0x80)) u |= ~uint64_t{0} << (8 * n);  // sign-extend
+      return integer(static_cast<int64_t>(u));
+    }
+    py::bytes raw(reinterpret_cast<const char*>(le), n);
+    return plain(py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(&PyLong_Type))
+                     .attr("from_bytes")(raw, "little", py::arg("signed") = true));
+  }
+  Value decimal_integer(std::string_view text) {
+    std::string s(text);
+    PyObject* v = PyLong_FromString(s.c_str(), nullptr, 10);
+    if (v == nullptr) python_value_error("bad integer literal");
+    return plain(steal(v));
+  }
+  Value floating(double d) { return plain(steal(PyFloat_FromDouble(d))); }
+  Value float_text(std::string_view text) {
+    py::str s{std::string(text)};
+    PyObject* v = PyFloat_FromString(s.ptr());
+    if (v == nullptr) python_value_error("bad float literal");
+    return plain(steal(v));
+  }
+  Value unicode(std::string_view utf8) {
+    // surrogatepass, as pickle and torch's unpickler decode BINUNICODE
+    PyObject* v = PyUnicode_DecodeUTF8(utf8.data(), static_cast<Py_ssize_t>(utf8.size()), "surrogatepass");
+    if (v == nullptr) python_value_error("string is not valid UTF-8");
+    return plain(steal(v));
+  }
+  Value unicode_raw_escape(std::string_view s) {
+    PyObject* v = PyUnicode_DecodeRawUnicodeEscape(s.data(), static_cast<Py_ssize_t>(s.size()), nullptr);
+    if (v == nullptr) python_value_error("bad UNICODE literal");
+    return plain(steal(v));
+  }
+  Value byte_string(std::string_view s) {
+    py::bytes raw(s.data(), s.size());
+    if (encoding_ == "bytes") return plain(raw);
+    PyObject* v = PyUnicode_FromEncodedObject(raw.ptr(), encoding_.c_str(), "strict");
+    if (v == nullptr) python_value_error("string cannot be decoded as " + encoding_);
+    return plain(steal(v));
+  }
+  Value string_literal(std::string_view quoted) {
+    if (quoted.size() < 2 || quoted.front() != quoted.back() || (quoted.front() != '\'' && quoted.front() != '"'))
+      fail(ErrorKind::Unpickling, "malformed pickle: STRING literal is not quoted");
+    quoted = quoted.substr(1, quoted.size() - 2);
+    py::object decoded;
+    try {
+      decoded = py::module_::import("codecs").attr("escape_decode")(py::bytes(quoted.data(), quoted.size()))[py::int_(0)];
+    } catch (py::error_already_set&) {
+      python_value_error("bad STRING literal");
+    }
+    std::string_view raw = PyBytes_AS_STRING(decoded.ptr());
+    return byte_string(std::string_view(raw.data(), static_cast<size_t>(PyBytes_GET_SIZE(decoded.ptr()))));
+  }
+  Value bytes(std::string_view s) { return plain(py::bytes(s.data(), s.size())); }
+  Value bytearray(std::string_view s) {
+    return plain(steal(PyByteArray_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()))));
+  }
+
+  // ---- containers --------------------------------------------------------
+  Value tuple(Value* items, size_t n) {
+    uint32_t depth = 0;
+    bool any_lazy = false;
+    for (size_t i = 0; i < n; ++i) {
+      depth = std::max(depth, items[i].depth);
+      any_lazy |= items[i].obj.ptr() == nullptr;
+    }
+    if (any_lazy) {
+      auto node = std::make_shared<Lazy>();
+      for (size_t i = 0; i < n; ++i) {
+        Value& item = items[i];
+        // Keep materialisation recursion shallow whatever the file nests.
+        if (item.lazy && item.lazy->slot == nullptr && item.lazy->nesting >= kMaxLazyNesting) materialize(item);
+        if (item.lazy && item.lazy->slot == nullptr) node->nesting = std::max(node->nesting, item.lazy->nesting + 1);
+        node->items.push_back(std::move(item));
+      }
+      return Value{py::object(), std::move(node), depth + 1, false};
+    }
+    PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
+    if (t == nullptr) throw py::error_already_set();
+    for (size_t i = 0; i < n; ++i) PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), items[i].obj.release().ptr());
+    return Value{steal(t), nullptr, depth + 1, false};
+  }
+  Value list(Value* items, size_t n) {
+    Value l{steal(PyList_New(0)), nullptr, 1, false};
+    list_extend(l, items, n);
+    return l;
+  }
+  void list_extend(Value& list, Value* items, size_t n) {
+    if (!PyList_CheckExact(list.obj.ptr())) unsafe("can only append to lists, but got " + describe(list));
+    for (size_t i = 0; i < n; ++i) {
+      if (PyList_Append(list.obj.ptr(), materialize(items[i]).ptr()) != 0) throw py::error_already_set();
+      list.depth = std::max(list.depth, items[i].depth + 1);
+    }
+  }
+  Value dict(Value* kv, size_t pairs) {
+    Value d{steal(PyDict_New()), nullptr, 1, false};
+    dict_set(d, kv, pairs);
+    return d;
+  }
+  void dict_set(Value& d, Value* kv, size_t pairs) {
+    PyObject* target = d.obj.ptr();
+    const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
+    if (!exact_dict && !is_settable_mapping(target))
+      unsafe("can only SETITEM for dict, collections.OrderedDict, collections.Counter, but got " + describe(d));
+    for (size_t i = 0; i < pairs; ++i) {
+      PyObject* key = materialize(kv[2 * i]).ptr();
+      PyObject* value = materialize(kv[2 * i + 1]).ptr();
+      int rc = exact_dict ? PyDict_SetItem(target, key, value) : PyObject_SetItem(target, key, value);
+      if (rc != 0) python_value_error("cannot set a dict item");
+      d.depth = std::max(d.depth, std::max(kv[2 * i].depth, kv[2 * i + 1].depth) + 1);
+    }
+  }
+  Value empty_set() { return Value{steal(PySet_New(nullptr)), nullptr, 1, false}; }
+  void set_add(Value& s, Value* items, size_t n) {
+    if (s.obj.ptr() == nullptr || !PySet_CheckExact(s.obj.ptr())) unsafe("can only add items to sets, but got " + describe(s));
+    for (size_t i = 0; i < n; ++i) {
+      if (PySet_Add(s.obj.ptr(), materialize(items[i]).ptr()) != 0) python_value_error("cannot add a set item");
+      s.depth = std::max(s.depth, items[i].depth + 1);
+    }
+  }
+  Value frozenset(Value* items, size_t n) {
+    Value s = empty_set();
+    set_add(s, items, n);
+    return Value{steal(PyFrozenSet_New(s.obj.ptr())), nullptr, s.depth, false};
+  }
+  uint32_t depth(const Value& v) const { return v.depth; }
+
+  // ---- globals and calls -------------------------------------------------
+  Value global(std::string_view module, std::string_view name) {
+    std::string key;
+    key.reserve(module.size() + name.size() + 1);
+    key.append(module).append(1, '\n').append(name);
+    auto it = globals_.find(key);
+    if (it != globals_.end()) return it->second;
+    py::object m = materialize_str(module), n = materialize_str(name);
+    Value v{ctx_.attr("resolve_global")(m, n), nullptr, 0, true};
+    globals_.emplace(std::move(key), v);
+    return v;
+  }
+  Value stack_global(Value& module, Value& name) {
+    if (!is_exact_str(module) || !is_exact_str(name)) unsafe("STACK_GLOBAL needs two strings");
+    std::string m = module.obj.cast<std::string>(), n = name.obj.cast<std::string>();
+    return global(m, n);
+  }
+
+  Value reduce(Value& callable, Value& args) {
+    if (!callable.global) unsafe("REDUCE on " + describe(callable) + ", which is not an allowed global");
+    if (args.lazy && args.lazy->slot == nullptr &&
+        (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_))) {
+      py::object t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
+      if (t) return plain(std::move(t));
+    }
+    py::object a = materialize(args);
+    if (!PyTuple_CheckExact(a.ptr())) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
+    if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_))
+      check_rebuild_args(callable.obj.is(rebuild_v3_), a);
+    PyObject* r = PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr);
+    if (r == nullptr) throw py::error_already_set();
+    return Value{steal(r), nullptr, args.depth, false};
+  }
+  Value newobj(Value& cls, Value& args) {
+    if (!cls.global) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
+    py::object a = materialize(args);
+    if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
+    return Value{ctx_.attr("newobj")(cls.obj, a), nullptr, args.depth, false};
+  }
+  Value newobj_ex(Value& cls, Value& args, Value& kwargs) {
+    if (!cls.global) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
+    py::object a = materialize(args), k = materialize(kwargs);
+    if (!PyTuple_CheckExact(a.ptr()) || !PyDict_CheckExact(k.ptr()))
+      unsafe("NEWOBJ_EX needs a tuple and a dict");
+    return Value{ctx_.attr("newobj")(cls.obj, a, k), nullptr, args.depth, false};
+  }
+  void build(Value& obj, Value& state) {
+    ctx_.attr("build")(materialize(obj), materialize(state));
+    obj.depth = std::max(obj.depth, state.depth + 1);
+  }
+
+  // ---- storages ------------------------------------------------------------
+  Value persistent_load(Value& pid_value) {
+    py::object pid = materialize(pid_value);
+    if (!source_) return plain(ctx_.attr("persistent_load")(pid));
+    if (!PyTuple_CheckExact(pid.ptr()) || PyTuple_GET_SIZE(pid.ptr()) != 5)
+      unsafe("persistent id must be a 5-tuple ('storage', type, key, location, numel), got " + describe(pid_value));
+    py::handle tag = PyTuple_GET_ITEM(pid.ptr(), 0), storage_type = PyTuple_GET_ITEM(pid.ptr(), 1),
+               key = PyTuple_GET_ITEM(pid.ptr(), 2), location = PyTuple_GET_ITEM(pid.ptr(), 3),
+               numel = PyTuple_GET_ITEM(pid.ptr(), 4);
+    if (!PyUnicode_CheckExact(tag.ptr()) || tag.cast<std::string>() != "storage")
+      unsafe("only persistent ids of storages are allowed");
+    if (!PyUnicode_CheckExact(key.ptr()) || !PyUnicode_CheckExact(location.ptr()))
+      fail(ErrorKind::Metadata, "storage key and location must be strings");
+    std::string key_str = key.cast<std::string>();
+    auto cached = slots_by_key_.find(key_str);
+    if (cached != slots_by_key_.end()) return cached->second;
+    if (!cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
+
+    const DtypeInfo& info = storage_dtype(storage_type);
+    int64_t n = as_int64(numel, "storage numel");
+    uint64_t nbytes;
+    if (n < 0 || !checked_mul(static_cast<uint64_t>(n), info.itemsize, &nbytes))
+      fail(ErrorKind::Metadata, "storage '" + key_str + "' has an invalid numel " + std::to_string(n));
+    const ZipRecord& record = source_->archive->record("data/" + key_str);
+    if (record.size != nbytes)
+      fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
+                                  " bytes but its storage needs " + std::to_string(nbytes) + " (" +
+                                  std::to_string(n) + " elements of " + std::to_string(info.itemsize) + " bytes)");
+    slots_.emplace_back();
+    StorageSlot& slot = slots_.back();
+    slot.nbytes = nbytes;
+    slot.dtype = info.dtype;
+    slot.itemsize = info.itemsize;
+    if (source_->arena_offsets.empty()) {
+      source_->archive->stored_view(record);  // stored, inside the file
+      slot.source_offset = record.data_offset;
+    } else {
+      auto at = source_->arena_offsets.find(&record);
+      if (at == source_->arena_offsets.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
+      slot.source_offset = at->second;
+    }
+    auto node = std::make_shared<Lazy>();
+    node->slot = &slot;
+    Value v{py::object(), std::move(node), 0, false};
+    slots_by_key_.emplace(std::move(key_str), v);
+    return v;
+  }
+
+  py::object finish(Value& v) { return materialize(v); }
+
+ private:
+  struct DtypeInfo {
+    py::object dtype;
+    uint32_t itemsize;
+  };
+
+  static py::object steal(PyObject* p) {
+    if (p == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(p);
+  }
+  static Value plain(py::object o) { return Value{std::move(o), nullptr, 0, false}; }
+  static bool is_exact_str(const Value& v) { return v.obj.ptr() != nullptr && PyUnicode_CheckExact(v.obj.ptr()); }
+
+  // Turns the pending Python exception into an UnpicklingError that keeps its text.
+  [[noreturn]] static void python_value_error(const std::string& what) {
+    std::string detail;
+    if (PyErr_Occurred()) {
+      py::error_already_set e;
+      detail = std::string(": ") + e.what();
+    }
+    fail(ErrorKind::Unpickling, "malformed pickle: " + what + detail);
+  }
+
+  py::object materialize_str(std::string_view s) {
+    PyObject* v = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
+    if (v == nullptr) python_value_error("global name is not valid UTF-8");
+    return steal(v);
+  }
+
+  std::string describe(const Value& v) {
+    if (v.obj.ptr() == nullptr) return v.lazy->slot ? "a storage" : "a tuple";
+    return "an object of type " + type_name(v.obj);
+  }
+
+  bool is_settable_mapping(PyObject* target) {
+    if (target == nullptr) return false;
+    if (!settable_types_) settable_types_ = ctx_.attr("settable_mappings");
+    return PySequence_Contains(settable_types_.ptr(), reinterpret_cast<PyObject*>(Py_TYPE(target))) == 1;
+  }
+
+  bool cpu_location(py::handle location) {
+    std::string loc = location.cast<std::string>();
+    auto it = fast_locations_.find(loc);
+    if (it != fast_locations_.end()) return it->second;
+    bool fast = ctx_.attr("fast_location")(location).cast<bool>();
+    fast_locations_.emplace(std::move(loc), fast);
+    return fast;
+  }
+
+  const DtypeInfo& storage_dtype(py::handle storage_type) {
+    auto it = dtypes_.find(storage_type.ptr());
+    if (it != dtypes_.end()) return it->second;
+    py::tuple info = ctx_.attr("storage_dtype")(storage_type);  // raises for non-storage types
+    keep_alive_.push_back(py::reinterpret_borrow<py::object>(storage_type));
+    return dtypes_.emplace(storage_type.ptr(), DtypeInfo{info[0], info[1].cast<uint32_t>()}).first->second;
+  }
+
+  uint32_t dtype_itemsize(py::handle dtype) {
+    auto it = itemsizes_.find(dtype.ptr());
+    if (it != itemsizes_.end()) return it->second;
+    uint32_t size = ctx_.attr("dtype_itemsize")(dtype).cast<uint32_t>();  // raises for non-dtypes
+    keep_alive_.push_back(py::reinterpret_borrow<py::object>(dtype));
+    itemsizes_.emplace(dtype.ptr(), size);
+    return size;
+  }
+
+  py::object& untyped(StorageSlot& slot) {
+    if (!slot.untyped) {
+      if (slot.nbytes == 0) {
+        slot.untyped = untyped_storage_cls_(0);
+      } else {
+        slot.untyped = frombuffer_(source_->buffer, py::arg("dtype") = uint8_, py::arg("count") = slot.nbytes,
+                                   py::arg("offset") = slot.source_offset)
+                           .attr("untyped_storage")();
+      }
+    }
+    return slot.untyped;
+  }
+
+  py::object materialize(Value& v) {
+    if (v.obj.ptr() != nullptr) return v.obj;
+    Lazy& node = *v.lazy;
+    if (!node.materialized) {
+      if (node.slot != nullptr) {
+        StorageSlot& slot = *node.slot;
+        if (!slot.typed)
+          slot.typed = typed_storage_(py::arg("wrap_storage") = untyped(slot), py::arg("dtype") = slot.dtype,
+                                      py::arg("_internal") = true);
+        node.materialized = slot.typed;
+      } else {
+        PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(node.items.size()));
+        if (t == nullptr) throw py::error_already_set();
+        py::object tuple = steal(t);
+        for (size_t i = 0; i < node.items.size(); ++i)
+          PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), materialize(node.items[i]).release().ptr());
+        node.materialized = std::move(tuple);
+      }
+    }
+    return node.materialized;
+  }
+
+  // The storage, offset, size and stride of a rebuild call must describe a
+  // tensor inside its storage before torch is asked to make it.
+  void check_rebuild_args(bool v3, const py::object& args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args.ptr());
+    if (n < 4) fail(ErrorKind::Metadata, "tensor rebuild call with " + std::to_string(n) + " arguments");
+    py::handle storage = PyTuple_GET_ITEM(args.ptr(), 0);
+    if (!py::isinstance(storage, typed_storage_))
+      fail(ErrorKind::Metadata, "tensor rebuild call on a " + type_name(storage) + ", not a storage");
+    uint32_t itemsize;
+    if (v3) {
+      if (n < 7) fail(ErrorKind::Metadata, "_rebuild_tensor_v3 call without a dtype");
+      itemsize = dtype_itemsize(PyTuple_GET_ITEM(args.ptr(), 6));
+    } else {
+      itemsize = dtype_itemsize(storage.attr("dtype"));
+    }
+    uint64_t nbytes = storage.attr("_untyped_storage").attr("nbytes")().cast<uint64_t>();
+    check_tensor_in_storage(as_int64(PyTuple_GET_ITEM(args.ptr(), 1), "storage offset"),
+                            as_int64_list(PyTuple_GET_ITEM(args.ptr(), 2), "size"),
+                            as_int64_list(PyTuple_GET_ITEM(args.ptr(), 3), "stride"), itemsize, nbytes);
+  }
+
+  // _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])
+  // _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype[, metadata])
+  // Returns a null object to fall back to torch's own function (conj/neg metadata).
+  py::object fast_rebuild(bool v3, std::vector<PyValue>& items) {
+    const size_t base_arity = v3 ? 7 : 6;
+    if (items.size() != base_arity && items.size() != base_arity + 1) return py::object();
+    if (!items[0].lazy || items[0].lazy->slot == nullptr) return py::object();
+    for (size_t i = 1; i < items.size(); ++i)
+      if (items[i].obj.ptr() == nullptr) return py::object();
+    if (items.size() == base_arity + 1) {
+      PyObject* metadata = items[base_arity].obj.ptr();
+      if (metadata != Py_None && !(PyDict_Check(metadata) && PyDict_GET_SIZE(metadata) == 0)) return py::object();
+    }
+    StorageSlot& slot = *items[0].lazy->slot;
+    py::object dtype = v3 ? items[6].obj : slot.dtype;
+    const uint32_t itemsize = v3 ? dtype_itemsize(dtype) : slot.itemsize;
+    const int64_t offset = as_int64(items[1].obj, "storage offset");
+    std::vector<int64_t> size = as_int64_list(items[2].obj, "size");
+    std::vector<int64_t> stride = as_int64_list(items[3].obj, "stride");
+    check_tensor_in_storage(offset, size, stride, itemsize, slot.nbytes);
+    PyObject* requires_grad = items[4].obj.ptr();
+    if (!PyBool_Check(requires_grad)) fail(ErrorKind::Metadata, "tensor requires_grad is not a bool");
+
+    py::object tensor;
+    const uint64_t numel = tensor_numel(size);
+    if (!slot.untyped && slot.nbytes != 0 && offset == 0 && numel * itemsize == slot.nbytes &&
+        is_contiguous(size, stride)) {
+      // The common case: the first tensor over its storage covers it whole.
+      // One torch call makes both, over the bytes in place.
+      tensor = frombuffer_(source_->buffer, py::arg("dtype") = dtype, py::arg("count") = numel,
+                           py::arg("offset") = slot.source_offset);
+      if (size.size() != 1) tensor.attr("set_")(tensor.attr("untyped_storage")(), 0, items[2].obj, items[3].obj);
+      slot.untyped = tensor.attr("untyped_storage")();
+    } else {
+      tensor = empty_(empty_shape_, py::arg("dtype") = dtype);
+      tensor.attr("set_")(untyped(slot), offset, items[2].obj, items[3].obj);
+    }
+    if (requires_grad == Py_True) tensor.attr("requires_grad_")(true);
+    tensor.attr("_backward_hooks") = items[5].obj;
+    return tensor;
+  }
+
+  py::object ctx_;
+  std::optional<StorageSource> source_;
+  py::object frombuffer_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, settable_types_, empty_shape_;
+  std::string encoding_;
+  std::unordered_map<std::string, Value> globals_;
+  std::unordered_map<std::string, Value> slots_by_key_;
+  std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
+  std::unordered_map<std::string, bool> fast_locations_;
+  std::unordered_map<PyObject*, DtypeInfo> dtypes_;
+  std::unordered_map<PyObject*, uint32_t> itemsizes_;
+  std::vector<py::object> keep_alive_;  // keys of the PyObject* maps above
+};
+
+}  // namespace
+
+void register_unpickler(py::module_& m) {
+  m.def(
+      "unpickle",
+      [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, py::object source,
+         std::vector<std::string> eager_names, std::vector<uint64_t> eager_offsets) {
+        BorrowedBuffer data(pickle, /*writable=*/false);
+        std::optional<StorageSource> storage_source;
+        if (archive) {
+          StorageSource s;
+          s.archive = archive;
+          s.buffer = py::reinterpret_steal<py::object>(PyMemoryView_FromObject(source.ptr()));
+          if (!s.buffer) throw py::error_already_set();
+          if (eager_names.size() != eager_offsets.size()) throw py::value_error("eager names/offsets differ in length");
+          for (size_t i = 0; i < eager_names.size(); ++i)
+            s.arena_offsets.emplace(&archive->record(eager_names[i]), eager_offsets[i]);
+          storage_source = std::move(s);
+        }
+        PyBuilder builder(std::move(ctx), std::move(storage_source));
+        PickleLimits limits;
+        PickleMachine<PyBuilder> machine(builder, limits);
+        PyValue result = machine.run(data.data(), data.size());
+        return builder.finish(result);
+      },
+      py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("source") = py::none(),
+      py::arg("eager_names") = std::vector<std::string>(), py::arg("eager_offsets") = std::vector<uint64_t>(),
+      "Run the restricted pickle machine over `pickle`. With `archive` and `source` (a buffer over the "
+      "archive, or over an eager ReadJob's arena holding `eager_names` at `eager_offsets`), storages of CPU tensors are made "
+      "natively; otherwise `ctx.persistent_load` makes them.");
+}
+
 }  // namespace fastckpt::bindings

@@ -14,6 +14,15 @@ from fastckpt.archive import open_archive, verify
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # torch is imported on first use of the loader, not by `import fastckpt`.
+    if name == "load":
+        from fastckpt.loader import load
+
+        return load
+    raise AttributeError(f"module 'fastckpt' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError",
     "FormatError",
@@ -23,6 +32,7 @@ __all__ = [
     "RecordError",
     "UnpicklingError",
     "UnsafeGlobalError",
+    "load",
     "open_archive",
     "verify",
 ]

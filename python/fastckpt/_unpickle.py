@@ -1,0 +1,232 @@
+"""What the native pickle machine asks Python: storages and the weights_only policy.
+
+The native builder (csrc/bindings/unpickler_bindings.cc) calls these objects for
+the rare or policy-laden steps: resolving a GLOBAL, NEWOBJ, BUILD, and storages
+that are not plain CPU bytes (other devices, meta, byte-swapped). Everything
+here mirrors torch 2.13's ``torch.serialization._load`` and
+``torch._weights_only_unpickler`` so the results and messages match torch's.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import sys
+from collections import Counter, OrderedDict
+
+import torch
+from torch import _weights_only_unpickler as _wo
+from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
+
+from fastckpt.errors import MetadataError, RecordError, UnsafeGlobalError
+
+_BLOCKED_MODULES = ("sys", "os", "posix", "nt")
+_NJT_NAMES = (
+    "torch.nested._internal.nested_tensor.NestedTensor",
+    "torch.nested._internal.nested_tensor._rebuild_njt",
+    "torch._dynamo.decorators._DimRange",
+)
+_DTENSOR_NAMES = (
+    "torch.distributed.device_mesh.DeviceMesh",
+    "torch.distributed.tensor._dtensor_spec.DTensorSpec",
+    "torch.distributed.tensor._dtensor_spec.TensorMeta",
+    "torch.distributed.tensor.DTensor",
+    "torch.distributed.tensor.placement_types.Partial",
+    "torch.distributed.tensor.placement_types.Replicate",
+    "torch.distributed.tensor.placement_types.Shard",
+)
+
+
+def _default_deserializers_first() -> bool:
+    """True when nothing registered ahead of torch's CPU deserializer could claim a 'cpu' storage."""
+    registry = torch.serialization._package_registry
+    return bool(registry) and registry[0][2] is torch.serialization._cpu_deserialize
+
+
+class Storages:
+    """Makes the storages of one load, like torch's ``persistent_load`` + ``load_tensor``.
+
+    `source(name, nbytes)` returns a CPU ``UntypedStorage`` over the record's
+    bytes (a slice of the mapping, of the eager arena, or freshly read).
+    """
+
+    def __init__(self, source, map_location, *, byteswap: bool, meta: bool, offsets):
+        self._source = source
+        self._map_location = map_location
+        self._restore_location = _get_restore_location(map_location)
+        self._byteswap = byteswap
+        self._meta = meta
+        self._data_offset = offsets  # record name -> data offset, for meta storages
+        self._loaded: dict[str, torch.storage.TypedStorage] = {}
+        self._fast_cpu = _default_deserializers_first()
+
+    @property
+    def native(self) -> bool:
+        """Whether the native builder may make CPU storages itself (per location, see fast_location)."""
+        return not self._meta and not self._byteswap and self._fast_cpu
+
+    def fast_location(self, location: str) -> bool:
+        """Whether a storage tagged `location` ends up as the unchanged CPU storage."""
+        m = self._map_location
+        if m is None:
+            target = location
+        elif isinstance(m, dict):
+            target = m.get(location, location)
+        elif isinstance(m, (str, torch.device)):
+            target = str(m)
+        else:
+            return False  # a callable must see every storage
+        return target == "cpu"
+
+    @staticmethod
+    def storage_dtype(storage_type):
+        if storage_type is torch.UntypedStorage:
+            return torch.uint8, 1
+        if isinstance(storage_type, StorageType):
+            return storage_type.dtype, storage_type.dtype.itemsize
+        raise MetadataError(f"persistent id names {storage_type!r}, which is not a storage type")
+
+    @staticmethod
+    def dtype_itemsize(dtype) -> int:
+        if not isinstance(dtype, torch.dtype):
+            raise MetadataError(f"tensor dtype is {dtype!r}, not a torch.dtype")
+        return dtype.itemsize
+
+    def persistent_load(self, saved_id):
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+            raise UnsafeGlobalError(f"persistent id must be a 5-tuple ('storage', type, key, location, numel), got {saved_id!r}")
+        typename, storage_type, key, location, numel = saved_id
+        if _maybe_decode_ascii(typename) != "storage":
+            raise UnsafeGlobalError(f"only persistent ids of storages are allowed, got {typename!r}")
+        dtype, itemsize = self.storage_dtype(storage_type)
+        if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise MetadataError(f"malformed persistent id {saved_id!r}")
+        if key in self._loaded:
+            return self._loaded[key]
+        name = f"data/{key}"
+        nbytes = numel * itemsize
+        location = _maybe_decode_ascii(location)
+        if self._meta:
+            storage = torch.UntypedStorage(nbytes, device="meta")
+            if name not in self._data_offset:
+                raise RecordError(f"record '{name}' not found in the archive")
+            storage._checkpoint_offset = self._data_offset[name]
+        else:
+            storage = self._source(name, nbytes)
+            if self._byteswap:
+                storage.byteswap(dtype)
+            storage = self._restore_location(storage, location)
+        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        if typed._data_ptr() != 0:  # torch does not cache meta or empty storages
+            self._loaded[key] = typed
+        return typed
+
+
+class WeightsOnlyContext:
+    """The ctx of a weights_only load: torch's allowlist, read once per load."""
+
+    rebuild_tensor_v2 = staticmethod(torch._utils._rebuild_tensor_v2)
+    rebuild_tensor_v3 = staticmethod(torch._utils._rebuild_tensor_v3)
+    rebuild_qtensor = staticmethod(torch._utils._rebuild_qtensor)
+    settable_mappings = (OrderedDict, Counter)
+
+    def __init__(self, storages: Storages, encoding: str):
+        self.storages = storages
+        self.encoding = encoding
+        self.fast_location = storages.fast_location
+        self.storage_dtype = storages.storage_dtype
+        self.dtype_itemsize = storages.dtype_itemsize
+        self.persistent_load = storages.persistent_load
+        self._allowed = _wo._get_allowed_globals()
+        self._user = _wo._get_user_allowed_globals()
+        self._allowed_values = list(self._allowed.values()) + list(self._user.values())
+        self._user_types = [v for v in self._user.values() if isinstance(v, type)]
+
+    def resolve_global(self, module: str, name: str):
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        full_path = f"{module}.{name}"
+        if module in _BLOCKED_MODULES:
+            raise UnsafeGlobalError(f"Trying to load unsupported GLOBAL {full_path} whose module {module} is blocked.")
+        if full_path in self._allowed:
+            return self._allowed[full_path]
+        if full_path in self._user:
+            return self._user[full_path]
+        if full_path in _NJT_NAMES:
+            raise UnsafeGlobalError("``torch.nested`` and ``torch._dynamo`` must be imported to load nested jagged tensors (NJTs)")
+        if full_path in _DTENSOR_NAMES:
+            raise UnsafeGlobalError("``torch.distributed.tensor`` must be imported to load DTensors")
+        if full_path.startswith("builtins."):
+            full_path = full_path[len("builtins.") :]
+        raise UnsafeGlobalError(
+            f"Unsupported global: GLOBAL {full_path} was not an allowed global by default. "
+            f"Please use `torch.serialization.add_safe_globals([{full_path}])` or the "
+            f"`torch.serialization.safe_globals([{full_path}])` context manager to allowlist this global "
+            "if you trust this class/function."
+        )
+
+    def _is_allowed(self, obj) -> bool:
+        return any(obj is v for v in self._allowed_values)
+
+    def newobj(self, cls, args, kwargs=None):
+        kwargs = kwargs or {}
+        if cls is torch.nn.Parameter:
+            return torch.nn.Parameter(*args, **kwargs)
+        if not isinstance(cls, type) or not self._is_allowed(cls):
+            raise UnsafeGlobalError(
+                f"Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got {cls}"
+            )
+        result = cls.__new__(cls, *args, **kwargs)
+        if cls in torch._tensor_classes and "sparse" in cls.__module__:
+            torch._utils._sparse_tensors_to_validate.append(result)
+        return result
+
+    def build(self, inst, state):
+        kind = type(inst)
+        if kind is torch.nn.Parameter:
+            inst.__setstate__(state)
+        elif kind is OrderedDict:
+            if not isinstance(state, dict):
+                raise UnsafeGlobalError(f"BUILD of an OrderedDict needs a dict state, got {type(state)}")
+            inst.__dict__.update(state)
+        elif kind is not torch.Tensor and any(kind is t for t in self._user_types):
+            if hasattr(inst, "__setstate__"):
+                inst.__setstate__(state)
+                return
+            slotstate = None
+            if isinstance(state, tuple) and len(state) == 2:
+                state, slotstate = state
+            if state:
+                inst.__dict__.update(state)
+            if slotstate:
+                for k, v in slotstate.items():
+                    setattr(inst, k, v)
+        else:
+            # torch also accepts BUILD on a plain Tensor (a legacy set_ path that
+            # takes arbitrary storage metadata); no torch.save output uses it.
+            raise UnsafeGlobalError(
+                f"Can only build Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got {kind}"
+            )
+
+
+def make_full_unpickler(pickle_module, data_file, storages: Storages, **pickle_load_args):
+    """weights_only=False: the caller's pickle module, with torch's class mapping and our storages."""
+
+    class UnpicklerWrapper(pickle_module.Unpickler):  # type: ignore[name-defined]
+        def find_class(self, mod_name, name):
+            if type(name) is str and "Storage" in name:
+                try:
+                    return StorageType(name)
+                except KeyError:
+                    pass
+            mod_name = {"torch.tensor": "torch._tensor"}.get(mod_name, mod_name)
+            return super().find_class(mod_name, name)
+
+    unpickler = UnpicklerWrapper(data_file, **pickle_load_args)
+    unpickler.persistent_load = storages.persistent_load
+    return unpickler
+
+
+def native_byteorder_differs(byteorder: bytes | None) -> bool:
+    return byteorder is not None and byteorder.decode() != sys.byteorder

@@ -1,0 +1,278 @@
+"""fastckpt.load: torch.load's signature, defaults and results, on the native core."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import warnings
+
+import torch
+from torch.serialization import UNSAFE_MESSAGE
+
+from fastckpt import _native
+from fastckpt._unpickle import Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
+from fastckpt.archive import open_archive, read_record
+from fastckpt.errors import LimitError, RecordError, UnpicklingError
+
+# data.pkl is read whole into memory; a larger one is refused before reading.
+MAX_PICKLE_BYTES = 1 << 30
+_ZIP_MAGIC = b"PK\x03\x04"
+_TRUE_VALUES = ("1", "y", "yes", "true")
+DOCS_MESSAGE = (  # as torch.load appends it (a local there)
+    "\n\nCheck the documentation of torch.load to learn more about types accepted by default with "
+    "weights_only https://pytorch.org/docs/stable/generated/torch.load.html."
+)
+
+
+def _is_path(f) -> bool:
+    return isinstance(f, (str, os.PathLike))
+
+
+def _resolve_weights_only(weights_only, pickle_module, *, warn: bool):
+    """torch.load's rules for weights_only and its environment variables."""
+    not_set = weights_only is None
+    if not_set:
+        weights_only = torch.serialization._default_to_weights_only(pickle_module)
+    force_wo = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    force_no_wo = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    if force_wo and force_no_wo:
+        raise RuntimeError(
+            "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
+            "should be set, but both were set."
+        )
+    if force_wo:
+        weights_only = True
+    elif force_no_wo and not_set:
+        if warn:
+            warnings.warn(
+                "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
+                "`weights_only` argument was not explicitly passed to `torch.load`, forcing weights_only=False.",
+                UserWarning,
+                stacklevel=3,
+            )
+        weights_only = False
+    if weights_only:
+        if pickle_module is not None:
+            raise RuntimeError("Can not safely load weights when explicit pickle_module is specified")
+    elif pickle_module is None:
+        pickle_module = pickle
+    return weights_only, pickle_module
+
+
+def _weights_only_message(message: str) -> str:
+    """The text torch.load puts around a weights-only unpickling error."""
+    if re.search(r"GLOBAL (\S+) was not an allowed global by default.", message):
+        return (
+            "Weights only load failed. This file can still be loaded, to do so you have two options, "
+            "\033[1mdo those steps only if you trust the source of the checkpoint\033[0m. "
+            f"\n\t(1) {UNSAFE_MESSAGE}\n\t(2) Alternatively, to load with `weights_only=True` please check "
+            "the recommended steps in the following error message.\n\tWeightsUnpickler error: " + message + DOCS_MESSAGE
+        )
+    if re.search(r"(\S+) must be (\S+) to load", message):
+        return f"Weights only load failed. {message}\n {UNSAFE_MESSAGE}\n"
+    text = f"Weights only load failed. {UNSAFE_MESSAGE}\n"
+    if not re.search(r"whose module (\S+) is blocked", message):
+        text += (
+            "Please file an issue with the following so that we can make "
+            "`weights_only=True` compatible with your use case: WeightsUnpickler error: "
+        )
+    return text + "\n\n" + message + DOCS_MESSAGE
+
+
+def _starts_with_zip(f) -> bool:
+    """Like torch's _is_zipfile: the 4 bytes at the current position (paths: at 0)."""
+    if _is_path(f):
+        with open(f, "rb") as fh:
+            return fh.read(4) == _ZIP_MAGIC
+    torch.serialization._check_seekable(f)
+    start = f.tell()
+    magic = f.read(4)
+    f.seek(start)
+    return magic == _ZIP_MAGIC
+
+
+def _handed_to_torch(f, mmap) -> bool:
+    """Inputs torch.load handles in ways fastckpt does not reproduce natively."""
+    if _is_path(f) and os.fspath(f).endswith(".safetensors"):
+        return True
+    if not _starts_with_zip(f):
+        return True  # legacy pickle stream or tar: torch's own readers
+    if torch._guards.detect_fake_mode(None) is not None or torch.serialization._serialization_tls.skip_data:
+        return True  # fake tensors and skip_data: storages that do not hold file bytes
+    if mmap and torch.serialization.get_default_mmap_options() != torch.serialization.MAP_PRIVATE:
+        return True  # MAP_SHARED writes through to the file; fastckpt maps privately only
+    return False
+
+
+def _storage_from_buffer(buffer, offset: int, nbytes: int):
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+
+
+class _StorageSource:
+    """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read."""
+
+    def __init__(self, archive, *, mmap: bool, threads: int):
+        self.archive = archive
+        self.records = {r["name"]: r for r in archive.records()}
+        data = [name for name in self.records if name.startswith("data/")]
+        self.job = None
+        self.eager_names: list[str] = []
+        self.eager_offsets: list[int] = []
+        self._inflated: dict[str, memoryview] = {}
+        if mmap:
+            for name in data:
+                if self.records[name]["method"] != 0:
+                    raise RecordError(
+                        f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)"
+                    )
+            self.buffer = memoryview(archive.whole())
+            return
+        stored = [name for name in data if self.records[name]["method"] == 0]
+        for name in data:
+            if self.records[name]["method"] != 0:
+                self._inflated[name] = memoryview(bytearray(read_record(archive, name)))
+        self.job = archive.read_records_async(stored, True, threads)
+        self.buffer = memoryview(self.job.buffer)
+        self.eager_names = stored
+        self.eager_offsets = list(self.job.offsets)
+        self._arena_offset = dict(zip(stored, self.eager_offsets))
+
+    def __call__(self, name: str, nbytes: int):
+        record = self.records.get(name)
+        if record is None:
+            raise RecordError(f"record '{name}' not found in the archive")
+        if record["size"] != nbytes:
+            raise RecordError(f"record '{name}' holds {record['size']} bytes but its storage needs {nbytes}")
+        if name in self._inflated:
+            return _storage_from_buffer(self._inflated[name], 0, nbytes)
+        if self.job is None:
+            return _storage_from_buffer(self.buffer, record["data_offset"], nbytes)
+        return _storage_from_buffer(self.buffer, self._arena_offset[name], nbytes)
+
+    def finish(self):
+        """Waits for the eager reads; raises IntegrityError on a CRC mismatch."""
+        if self.job is not None:
+            self.job.wait()
+
+
+def _check_version(archive) -> None:
+    name = ".data/version" if ".data/version" in archive else "version"
+    if name not in archive:
+        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
+    text = read_record(archive, name).decode("ascii", "replace").strip()
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
+
+
+def _byteorder(archive) -> bytes | None:
+    if "byteorder" in archive:
+        mark = read_record(archive, "byteorder")
+        if mark not in (b"little", b"big"):
+            raise ValueError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+        return mark
+    from torch.serialization import LoadEndianness, get_default_load_endianness
+
+    default = get_default_load_endianness()
+    if default is None or default == LoadEndianness.LITTLE:
+        return b"little"
+    if default == LoadEndianness.BIG:
+        return b"big"
+    return None  # NATIVE: no swap
+
+
+def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
+    _check_version(archive)
+    pickle_info = archive.record("data.pkl")
+    if pickle_info["size"] > MAX_PICKLE_BYTES:
+        raise LimitError(f"data.pkl is {pickle_info['size']} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
+    data_pickle = read_record(archive, "data.pkl")  # CRC-checked
+
+    meta = torch.serialization._is_meta_location(map_location)
+    byteswap = native_byteorder_differs(_byteorder(archive))
+    source = None
+    if not meta:
+        if verify and mmap:
+            bad = [r for r in archive.verify([n for n in archive.names() if n.startswith("data/")], threads)
+                   if r["status"] == "mismatch"]
+            if bad:
+                from fastckpt.errors import IntegrityError
+
+                r = bad[0]
+                raise IntegrityError(
+                    f"CRC-32 mismatch in record '{r['name']}' (data at offset {r['data_offset']}): stored "
+                    f"0x{r['crc32']:08x}, computed 0x{r['computed']:08x}; {len(bad)} record(s) bad"
+                )
+        source = _StorageSource(archive, mmap=mmap, threads=threads)
+    offsets = {r["name"]: r["data_offset"] for r in archive.records()} if meta else {}
+    storages = Storages(source, map_location, byteswap=byteswap, meta=meta, offsets=offsets)
+
+    tls = torch.serialization._serialization_tls
+    tls.map_location = map_location
+    try:
+        if weights_only:
+            ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
+            native = storages.native and source is not None
+            try:
+                result = _native.unpickle(
+                    data_pickle, ctx,
+                    archive if native else None,
+                    source.buffer if native else None,
+                    source.eager_names if native else [],
+                    source.eager_offsets if native else [],
+                )
+            except UnpicklingError as e:
+                raise type(e)(_weights_only_message(str(e))) from None
+        else:
+            unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
+            result = unpickler.load()
+        if source is not None:
+            source.finish()
+    finally:
+        tls.map_location = None
+    torch._utils._validate_loaded_sparse_tensors()
+    return result
+
+
+def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=False, threads=None,
+         **pickle_load_args):
+    """Load an object saved with torch.save; a drop-in replacement for torch.load.
+
+    Accepts everything ``torch.load`` accepts and returns an equal object graph.
+    Zip checkpoints are read by the native core: the zip structure is checked
+    strictly, ``data.pkl``'s CRC-32 is always verified, with ``mmap=False``
+    every storage's CRC-32 is verified while it is read in parallel, and with
+    ``mmap=True`` storages are zero-copy views of a private mapping of the file
+    (``verify=True`` checks their CRC-32s up front). Legacy (non-zip) files,
+    TorchScript archives and ``.safetensors`` paths are handed to ``torch.load``.
+
+    Extra keyword-only arguments: ``verify`` (see above) and ``threads`` (reader
+    threads; default: all CPUs).
+    """
+    _resolve_weights_only(weights_only, pickle_module, warn=False)  # raise early, as torch does
+    if mmap is None:
+        from torch.utils.serialization import config
+
+        mmap = config.load.mmap
+    if _handed_to_torch(f, mmap):
+        return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
+    weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module, warn=True)
+    if pickle_load_args and weights_only:
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
+    pickle_load_args.setdefault("encoding", "utf-8")
+    if mmap and not _is_path(f):
+        raise ValueError("f must be a file path in order to use the mmap argument")
+
+    start = None if _is_path(f) else f.tell()
+    archive = open_archive(f)
+    if "constants.pkl" in archive:  # a TorchScript archive: torch.load dispatches to torch.jit.load
+        if start is not None:
+            f.seek(start)
+        return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
+    return _load_archive(
+        archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap, verify=verify,
+        threads=threads or 0, pickle_load_args=pickle_load_args,
+    )
