@@ -3,6 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cerrno>
+#include <cstring>
+#include <system_error>
 #include <thread>
 
 #include "bindings/common.h"
@@ -116,6 +119,14 @@ class ReadJob {
   std::thread worker_;
 };
 
+// Sets OSError(code, strerror, filename): Python picks the subclass
+// (FileNotFoundError, IsADirectoryError...) from the code. Requires the GIL.
+[[noreturn]] void raise_os_error(int code, const std::string& filename) {
+  py::object args = py::make_tuple(code, std::strerror(code), filename);
+  PyErr_SetObject(PyExc_OSError, args.ptr());
+  throw py::error_already_set();
+}
+
 py::dict record_dict(const ZipRecord& r) {
   py::dict d;
   d["name"] = r.name;
@@ -148,6 +159,17 @@ ByteView Archive::stored_view(const ZipRecord& r) const {
 }
 
 void register_archive(py::module_& m) {
+  // The core reports OS failures (mapping, pread, threads) as
+  // std::system_error; they reach Python as OSError, never RuntimeError.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::system_error& e) {
+      py::object args = py::make_tuple(e.code().value(), e.what());
+      PyErr_SetObject(PyExc_OSError, args.ptr());
+    }
+  });
+
   py::class_<ByteView>(m, "ByteView", py::buffer_protocol(),
                        "Writable 1-D bytes that keep their archive's memory alive.")
       .def_buffer([](ByteView& v) {
@@ -175,8 +197,18 @@ void register_archive(py::module_& m) {
       .def_static(
           "open",
           [](const std::string& path) {
+            std::shared_ptr<MappedFile> file;
+            int os_error = 0;
+            {
+              py::gil_scoped_release release;
+              try {
+                file = MappedFile::open(path);
+              } catch (const std::system_error& e) {
+                os_error = e.code().value();
+              }
+            }
+            if (os_error != 0) raise_os_error(os_error, path);
             py::gil_scoped_release release;
-            auto file = MappedFile::open(path);
             // Header reads touch a few bytes each: no readahead of the data.
             file->advise(Advice::Random);
             ZipIndex index = ZipIndex::parse(file->data(), file->size());

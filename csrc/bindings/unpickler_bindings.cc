@@ -106,6 +106,15 @@ class PyBuilder {
     rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
     encoding_ = ctx_.attr("encoding").cast<std::string>();
     empty_shape_ = py::make_tuple(0);
+    zero_ = py::int_(0);
+    // Names used per tensor, made once: attribute lookups by C string would
+    // build and hash a new str on every call.
+    name_set_ = py::str("set_");
+    name_untyped_storage_ = py::str("untyped_storage");
+    name_requires_grad_ = py::str("requires_grad_");
+    name_backward_hooks_ = py::str("_backward_hooks");
+    frombuffer_kwnames_ = py::make_tuple("dtype", "count", "offset");
+    empty_kwnames_ = py::make_tuple("dtype");
   }
 
   // ---- scalars and strings ------------------------------------------------
@@ -302,13 +311,16 @@ class PyBuilder {
     py::handle tag = PyTuple_GET_ITEM(pid.ptr(), 0), storage_type = PyTuple_GET_ITEM(pid.ptr(), 1),
                key = PyTuple_GET_ITEM(pid.ptr(), 2), location = PyTuple_GET_ITEM(pid.ptr(), 3),
                numel = PyTuple_GET_ITEM(pid.ptr(), 4);
-    if (!PyUnicode_CheckExact(tag.ptr()) || tag.cast<std::string>() != "storage")
+    if (!PyUnicode_CheckExact(tag.ptr()) || PyUnicode_CompareWithASCIIString(tag.ptr(), "storage") != 0)
       unsafe("only persistent ids of storages are allowed");
     if (!PyUnicode_CheckExact(key.ptr()) || !PyUnicode_CheckExact(location.ptr()))
       fail(ErrorKind::Metadata, "storage key and location must be strings");
-    std::string key_str = key.cast<std::string>();
-    auto cached = slots_by_key_.find(key_str);
-    if (cached != slots_by_key_.end()) return cached->second;
+    Py_ssize_t key_len = 0;
+    const char* key_utf8 = PyUnicode_AsUTF8AndSize(key.ptr(), &key_len);
+    if (key_utf8 == nullptr) throw py::error_already_set();
+    std::string key_str(key_utf8, static_cast<size_t>(key_len));
+    PyValue* cached = find_slot(key_str);
+    if (cached != nullptr) return *cached;
     if (!cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
 
     const DtypeInfo& info = storage_dtype(storage_type);
@@ -337,7 +349,7 @@ class PyBuilder {
     auto node = std::make_shared<Lazy>();
     node->slot = &slot;
     Value v{py::object(), std::move(node), 0, false};
-    slots_by_key_.emplace(std::move(key_str), v);
+    remember_slot(key_str, v);
     return v;
   }
 
@@ -366,6 +378,34 @@ class PyBuilder {
     fail(ErrorKind::Unpickling, "malformed pickle: " + what + detail);
   }
 
+  // torch.save names storages "0", "1", ...: those index a vector (bounded by
+  // the archive's record count); any other key goes through a map.
+  static bool decimal_key(const std::string& key, size_t bound, size_t* out) {
+    if (key.empty() || key.size() > 9 || (key.size() > 1 && key[0] == '0')) return false;
+    size_t v = 0;
+    for (char c : key) {
+      if (c < '0' || c > '9') return false;
+      v = v * 10 + static_cast<size_t>(c - '0');
+    }
+    *out = v;
+    return v < bound;
+  }
+  PyValue* find_slot(const std::string& key) {
+    size_t i;
+    if (decimal_key(key, numbered_slots_.size(), &i)) return numbered_slots_[i].lazy ? &numbered_slots_[i] : nullptr;
+    auto it = named_slots_.find(key);
+    return it == named_slots_.end() ? nullptr : &it->second;
+  }
+  void remember_slot(const std::string& key, const PyValue& v) {
+    size_t i;
+    if (decimal_key(key, source_->archive->index.records().size(), &i)) {
+      if (i >= numbered_slots_.size()) numbered_slots_.resize(i + 1);
+      numbered_slots_[i] = v;
+    } else {
+      named_slots_.emplace(key, v);
+    }
+  }
+
   py::object materialize_str(std::string_view s) {
     PyObject* v = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
     if (v == nullptr) python_value_error("global name is not valid UTF-8");
@@ -384,12 +424,15 @@ class PyBuilder {
   }
 
   bool cpu_location(py::handle location) {
+    // torch.save memoizes the location string: one object for all storages.
+    if (location.ptr() == last_location_.ptr()) return last_location_fast_;
     std::string loc = location.cast<std::string>();
+    last_location_ = py::reinterpret_borrow<py::object>(location);
     auto it = fast_locations_.find(loc);
-    if (it != fast_locations_.end()) return it->second;
-    bool fast = ctx_.attr("fast_location")(location).cast<bool>();
-    fast_locations_.emplace(std::move(loc), fast);
-    return fast;
+    if (it == fast_locations_.end())
+      it = fast_locations_.emplace(std::move(loc), ctx_.attr("fast_location")(location).cast<bool>()).first;
+    last_location_fast_ = it->second;
+    return it->second;
   }
 
   const DtypeInfo& storage_dtype(py::handle storage_type) {
@@ -414,9 +457,7 @@ class PyBuilder {
       if (slot.nbytes == 0) {
         slot.untyped = untyped_storage_cls_(0);
       } else {
-        slot.untyped = frombuffer_(source_->buffer, py::arg("dtype") = uint8_, py::arg("count") = slot.nbytes,
-                                   py::arg("offset") = slot.source_offset)
-                           .attr("untyped_storage")();
+        slot.untyped = call_method(frombuffer(uint8_, slot.nbytes, slot.source_offset), name_untyped_storage_);
       }
     }
     return slot.untyped;
@@ -494,28 +535,46 @@ class PyBuilder {
         is_contiguous(size, stride)) {
       // The common case: the first tensor over its storage covers it whole.
       // One torch call makes both, over the bytes in place.
-      tensor = frombuffer_(source_->buffer, py::arg("dtype") = dtype, py::arg("count") = numel,
-                           py::arg("offset") = slot.source_offset);
-      if (size.size() != 1) tensor.attr("set_")(tensor.attr("untyped_storage")(), 0, items[2].obj, items[3].obj);
-      slot.untyped = tensor.attr("untyped_storage")();
+      tensor = frombuffer(dtype, numel, slot.source_offset);
+      slot.untyped = call_method(tensor, name_untyped_storage_);
+      if (size.size() != 1) call_method(tensor, name_set_, {slot.untyped.ptr(), zero_.ptr(), items[2].obj.ptr(), items[3].obj.ptr()});
     } else {
-      tensor = empty_(empty_shape_, py::arg("dtype") = dtype);
-      tensor.attr("set_")(untyped(slot), offset, items[2].obj, items[3].obj);
+      PyObject* args[] = {empty_shape_.ptr(), dtype.ptr()};
+      tensor = steal(PyObject_Vectorcall(empty_.ptr(), args, 1, empty_kwnames_.ptr()));
+      call_method(tensor, name_set_, {untyped(slot).ptr(), items[1].obj.ptr(), items[2].obj.ptr(), items[3].obj.ptr()});
     }
-    if (requires_grad == Py_True) tensor.attr("requires_grad_")(true);
-    tensor.attr("_backward_hooks") = items[5].obj;
+    if (requires_grad == Py_True) call_method(tensor, name_requires_grad_, {Py_True});
+    if (PyObject_SetAttr(tensor.ptr(), name_backward_hooks_.ptr(), items[5].obj.ptr()) != 0) throw py::error_already_set();
     return tensor;
+  }
+
+  // torch.frombuffer(buffer, dtype=, count=, offset=) without building a kwargs dict.
+  py::object frombuffer(py::handle dtype, uint64_t count, uint64_t offset) {
+    py::object n = steal(PyLong_FromUnsignedLongLong(count)), o = steal(PyLong_FromUnsignedLongLong(offset));
+    PyObject* args[] = {source_->buffer.ptr(), dtype.ptr(), n.ptr(), o.ptr()};
+    return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
+  }
+  py::object call_method(py::handle self, const py::str& name, std::initializer_list<PyObject*> args = {}) {
+    PyObject* argv[5] = {self.ptr()};
+    size_t n = 1;
+    for (PyObject* a : args) argv[n++] = a;
+    return steal(PyObject_VectorcallMethod(name.ptr(), argv, n | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
   }
 
   py::object ctx_;
   std::optional<StorageSource> source_;
+  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
+  py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, settable_types_, empty_shape_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, settable_types_, empty_shape_, zero_;
   std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
-  std::unordered_map<std::string, Value> slots_by_key_;
+  std::vector<Value> numbered_slots_;
+  std::unordered_map<std::string, Value> named_slots_;
   std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
   std::unordered_map<std::string, bool> fast_locations_;
+  py::object last_location_;
+  bool last_location_fast_ = false;
   std::unordered_map<PyObject*, DtypeInfo> dtypes_;
   std::unordered_map<PyObject*, uint32_t> itemsizes_;
   std::vector<py::object> keep_alive_;  // keys of the PyObject* maps above

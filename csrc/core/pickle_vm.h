@@ -32,6 +32,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -86,6 +87,9 @@ class PickleMachine {
     end_ = data + size;
     stack_.clear();
     marks_.clear();
+    // torch.save memoizes about one value per 10 pickle bytes; reserving up
+    // front avoids re-copying a large memo as it grows.
+    dense_.reserve(static_cast<size_t>(std::min<uint64_t>(size / 16, limits_.max_memo)));
     while (true) {
       if (p_ >= end_) error("pickle ends without STOP");
       opcode_at_ = p_;

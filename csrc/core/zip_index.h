@@ -7,7 +7,6 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 namespace fastckpt {
@@ -26,7 +25,7 @@ struct ZipRecord {
 };
 
 struct ZipLimits {
-  uint64_t max_records = 10'000'000;
+  uint64_t max_records = 10'000'000;  // also capped at 2^32 - 2 (slot encoding)
   uint32_t max_name_length = 4096;
 };
 
@@ -35,6 +34,14 @@ class ZipIndex {
   // Parses the end records, the central directory and every local header of
   // the archive occupying exactly [data, data+size). Throws fastckpt::Error
   // (Format for structural problems, Limit for caps).
+  //
+  // Accepted: one disk; entries laid out back to back from offset 0 in
+  // central-directory order (local header, data, data descriptor when flag
+  // bit 3 is set), then the central directory, the ZIP64 end record and
+  // locator (optional), and the classic end record ending exactly at `size`.
+  // Flags: only bits 3 and 11; methods 0 and 8; local headers, descriptors
+  // and both end records must agree with the central directory; names are
+  // one common "prefix/" followed by a plain relative path, unique.
   static ZipIndex parse(const uint8_t* data, size_t size, const ZipLimits& limits = {});
 
   const std::string& prefix() const noexcept { return prefix_; }  // without the '/'
@@ -47,7 +54,13 @@ class ZipIndex {
  private:
   std::string prefix_;
   std::vector<ZipRecord> records_;
-  std::unordered_map<std::string_view, size_t> by_name_;  // views into records_[i].name
+  // Name lookup: open addressing with linear probing, at most half full. A
+  // slot is (high 32 bits of the name's hash) << 32 | (record index + 1), 0 =
+  // empty: one allocation for the whole table, and indices survive copies.
+  std::vector<uint64_t> slots_;
+  // Adds records_[i] to slots_; returns the index of an earlier record with
+  // the same name, or i.
+  size_t insert_name(size_t i);
   uint64_t cd_offset_ = 0;
 };
 

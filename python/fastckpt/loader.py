@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -117,24 +118,20 @@ class _StorageSource:
 
     def __init__(self, archive, *, mmap: bool, threads: int):
         self.archive = archive
-        self.records = {r["name"]: r for r in archive.records()}
-        data = [name for name in self.records if name.startswith("data/")]
         self.job = None
         self.eager_names: list[str] = []
         self.eager_offsets: list[int] = []
         self._inflated: dict[str, memoryview] = {}
         if mmap:
-            for name in data:
-                if self.records[name]["method"] != 0:
-                    raise RecordError(
-                        f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)"
-                    )
             self.buffer = memoryview(archive.whole())
             return
-        stored = [name for name in data if self.records[name]["method"] == 0]
-        for name in data:
-            if self.records[name]["method"] != 0:
-                self._inflated[name] = memoryview(bytearray(read_record(archive, name)))
+        stored = []
+        for name in archive.names():
+            if name.startswith("data/"):
+                if archive.record(name)["method"] == 0:
+                    stored.append(name)
+                else:  # a re-zipped checkpoint: inflated under a cap, CRC-checked
+                    self._inflated[name] = memoryview(bytearray(read_record(archive, name)))
         self.job = archive.read_records_async(stored, True, threads)
         self.buffer = memoryview(self.job.buffer)
         self.eager_names = stored
@@ -142,14 +139,14 @@ class _StorageSource:
         self._arena_offset = dict(zip(stored, self.eager_offsets))
 
     def __call__(self, name: str, nbytes: int):
-        record = self.records.get(name)
-        if record is None:
-            raise RecordError(f"record '{name}' not found in the archive")
+        record = self.archive.record(name)
         if record["size"] != nbytes:
             raise RecordError(f"record '{name}' holds {record['size']} bytes but its storage needs {nbytes}")
         if name in self._inflated:
             return _storage_from_buffer(self._inflated[name], 0, nbytes)
         if self.job is None:
+            if record["method"] != 0:
+                raise RecordError(f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)")
             return _storage_from_buffer(self.buffer, record["data_offset"], nbytes)
         return _storage_from_buffer(self.buffer, self._arena_offset[name], nbytes)
 
@@ -216,6 +213,8 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
         if weights_only:
             ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
             native = storages.native and source is not None
+            gc_was_enabled = gc.isenabled()
+            gc.disable()  # the load makes many objects and no cycles; collections would cost ~15%
             try:
                 result = _native.unpickle(
                     data_pickle, ctx,
@@ -226,6 +225,9 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
                 )
             except UnpicklingError as e:
                 raise type(e)(_weights_only_message(str(e))) from None
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
         else:
             unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
             result = unpickler.load()
