@@ -15,12 +15,21 @@ from fastckpt.archive import open_archive, verify
 __version__ = "0.1.0"
 
 
+_LAZY = {
+    "load": "fastckpt.loader",
+    "patch": "fastckpt.patch",
+    "unpatch": "fastckpt.patch",
+    "patched": "fastckpt.patch",
+    "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
+}
+
+
 def __getattr__(name):
     # torch is imported on first use of the loader, not by `import fastckpt`.
-    if name == "load":
-        from fastckpt.loader import load
+    if name in _LAZY:
+        import importlib
 
-        return load
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastckpt' has no attribute {name!r}")
 
 __all__ = [
@@ -32,7 +41,11 @@ __all__ = [
     "RecordError",
     "UnpicklingError",
     "UnsafeGlobalError",
+    "get_unsafe_globals_in_checkpoint",
     "load",
     "open_archive",
+    "patch",
+    "patched",
+    "unpatch",
     "verify",
 ]

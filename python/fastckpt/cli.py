@@ -32,7 +32,7 @@ def _verify(args) -> int:
 
 
 def _inspect(args) -> int:
-    from fastckpt.inspect import inspect_checkpoint
+    from fastckpt.inspection import inspect_checkpoint
 
     print(inspect_checkpoint(args.path, max_items=args.max_items))
     return 0

@@ -119,6 +119,7 @@ class _StorageSource:
     def __init__(self, archive, *, mmap: bool, threads: int):
         self.archive = archive
         self.job = None
+        self._finished = False
         self.eager_names: list[str] = []
         self.eager_offsets: list[int] = []
         self._inflated: dict[str, memoryview] = {}
@@ -148,12 +149,16 @@ class _StorageSource:
             if record["method"] != 0:
                 raise RecordError(f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)")
             return _storage_from_buffer(self.buffer, record["data_offset"], nbytes)
+        # Whoever asked (a byte swap, a device copy, a map_location callable)
+        # reads the bytes now: the parallel read must have finished.
+        self.finish()
         return _storage_from_buffer(self.buffer, self._arena_offset[name], nbytes)
 
     def finish(self):
         """Waits for the eager reads; raises IntegrityError on a CRC mismatch."""
-        if self.job is not None:
+        if self.job is not None and not self._finished:
             self.job.wait()
+            self._finished = True
 
 
 def _check_version(archive) -> None:
