@@ -1,7 +1,9 @@
 #include "core/zip_index.h"
 
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <string>
 
 #include "core/checked_math.h"
 #include "core/errors.h"
@@ -97,9 +99,9 @@ bool valid_utf8(const uint8_t* p, size_t n) {
   return true;
 }
 
-// Why the relative part of a name (after "prefix/") is refused; nullptr if it
-// is a plain relative path: non-empty components separated by single '/',
-// none of them "." or "..", no backslash, no NUL.
+// Why a name's relative part (after "prefix/"), or the prefix itself, is
+// refused; nullptr if it is a plain relative path: non-empty components
+// separated by single '/', none of them "." or "..", no backslash, no NUL.
 const char* bad_path(const uint8_t* p, size_t n) {
   if (n == 0) return "has nothing after the archive prefix";
   size_t start = 0;
@@ -144,8 +146,8 @@ const char* scan_extra(const uint8_t* p, size_t n, Zip64Extra* zip64) {
   return nullptr;
 }
 
-// A header value that the local header may leave to the data descriptor (0)
-// or, when it carries a ZIP64 field, mark as 0xFFFFFFFF.
+// A local-header value agrees with the central directory's when it is equal,
+// or 0 when the entry leaves it to its data descriptor.
 bool local_value_agrees(uint64_t local, uint64_t central, bool deferred) {
   return local == central || (deferred && local == 0);
 }
@@ -389,8 +391,7 @@ class Parser {
     if (slash == nullptr) bad(what(c) + ": the name is not inside an archive directory ('prefix/name')");
     const size_t n = static_cast<size_t>(static_cast<const uint8_t*>(slash) - c.name);
     if (n == 0) bad(what(c) + ": absolute path");
-    if ((n == 1 && c.name[0] == '.') || (n == 2 && c.name[0] == '.' && c.name[1] == '.'))
-      bad(what(c) + ": the archive prefix is '.' or '..'");
+    if (const char* why = bad_path(c.name, n)) bad(what(c) + ": the archive prefix " + why);
     return std::string(reinterpret_cast<const char*>(c.name), n);
   }
 

@@ -7,7 +7,7 @@ import os
 import zlib
 
 from fastckpt import _native
-from fastckpt.errors import LimitError, RecordError
+from fastckpt.errors import FormatError, IntegrityError, LimitError, RecordError
 
 # A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
 # never beyond this many bytes nor beyond what its header declares.
@@ -36,6 +36,8 @@ def open_archive(f) -> _native.Archive:
             break
         filled += n
     view.release()
+    if filled != len(buffer):
+        raise FormatError(f"the file ended after {filled} of the {len(buffer)} bytes it had when opened (truncated while reading?)")
     return _native.Archive.from_buffer(buffer)
 
 
@@ -61,8 +63,6 @@ def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
     if len(data) != info["size"] or not inflater.eof:
         raise RecordError(f"record '{name}' inflates to a size other than the {info['size']} bytes its header declares")
     if check_crc and info["crc32"] and zlib.crc32(data) != info["crc32"]:
-        from fastckpt.errors import IntegrityError
-
         raise IntegrityError(
             f"CRC-32 mismatch in record '{name}': stored 0x{info['crc32']:08x}, computed 0x{zlib.crc32(data):08x}"
         )
