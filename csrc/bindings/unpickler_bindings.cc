@@ -104,6 +104,11 @@ class PyBuilder {
     rebuild_v2_ = ctx_.attr("rebuild_tensor_v2");
     rebuild_v3_ = ctx_.attr("rebuild_tensor_v3");
     rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
+    newobj_ = ctx_.attr("newobj");
+    build_ = ctx_.attr("build");
+    py::module_ errors = py::module_::import("fastckpt.errors");
+    checkpoint_error_ = errors.attr("CheckpointError");
+    unpickling_error_ = errors.attr("UnpicklingError");
     encoding_ = ctx_.attr("encoding").cast<std::string>();
     empty_shape_ = py::make_tuple(0);
     zero_ = py::int_(0);
@@ -281,24 +286,31 @@ class PyBuilder {
     if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_))
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
     PyObject* r = PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr);
-    if (r == nullptr) throw py::error_already_set();
+    if (r == nullptr) reraise_as_checkpoint_error(callable.obj);
     return Value{steal(r), nullptr, args.depth, false};
   }
   Value newobj(Value& cls, Value& args) {
     if (!cls.global) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
-    return Value{ctx_.attr("newobj")(cls.obj, a), nullptr, args.depth, false};
+    PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
+    if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
+    return Value{steal(r), nullptr, args.depth, false};
   }
   Value newobj_ex(Value& cls, Value& args, Value& kwargs) {
     if (!cls.global) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
     py::object a = materialize(args), k = materialize(kwargs);
     if (!PyTuple_CheckExact(a.ptr()) || !PyDict_CheckExact(k.ptr()))
       unsafe("NEWOBJ_EX needs a tuple and a dict");
-    return Value{ctx_.attr("newobj")(cls.obj, a, k), nullptr, args.depth, false};
+    PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), k.ptr(), nullptr);
+    if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
+    return Value{steal(r), nullptr, args.depth, false};
   }
   void build(Value& obj, Value& state) {
-    ctx_.attr("build")(materialize(obj), materialize(state));
+    py::object o = materialize(obj), st = materialize(state);
+    PyObject* r = PyObject_CallFunctionObjArgs(build_.ptr(), o.ptr(), st.ptr(), nullptr);
+    if (r == nullptr) reraise_as_checkpoint_error(py::type::handle_of(o));
+    Py_DECREF(r);
     obj.depth = std::max(obj.depth, state.depth + 1);
   }
 
@@ -406,6 +418,18 @@ class PyBuilder {
     }
   }
 
+  // An allowlisted function refused the file's arguments (a KeyError from
+  // _get_layout, a TypeError from a rebuild): still bad input, so it surfaces
+  // as fastckpt.UnpicklingError, chained to the original exception.
+  [[noreturn]] void reraise_as_checkpoint_error(py::handle callee) {
+    py::error_already_set e;
+    if (e.matches(checkpoint_error_)) throw e;
+    std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed";
+    e.restore();
+    py::raise_from(unpickling_error_.ptr(), what.c_str());
+    throw py::error_already_set();
+  }
+
   py::object materialize_str(std::string_view s) {
     PyObject* v = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
     if (v == nullptr) python_value_error("global name is not valid UTF-8");
@@ -443,13 +467,14 @@ class PyBuilder {
     return dtypes_.emplace(storage_type.ptr(), DtypeInfo{info[0], info[1].cast<uint32_t>()}).first->second;
   }
 
-  uint32_t dtype_itemsize(py::handle dtype) {
-    auto it = itemsizes_.find(dtype.ptr());
-    if (it != itemsizes_.end()) return it->second;
-    uint32_t size = ctx_.attr("dtype_itemsize")(dtype).cast<uint32_t>();  // raises for non-dtypes
+  // Bits per element of a tensor dtype (4 and 2 for the packed quantized ones).
+  uint32_t dtype_bits(py::handle dtype) {
+    auto it = element_bits_.find(dtype.ptr());
+    if (it != element_bits_.end()) return it->second;
+    uint32_t bits = ctx_.attr("dtype_bits")(dtype).cast<uint32_t>();  // raises for non-dtypes
     keep_alive_.push_back(py::reinterpret_borrow<py::object>(dtype));
-    itemsizes_.emplace(dtype.ptr(), size);
-    return size;
+    element_bits_.emplace(dtype.ptr(), bits);
+    return bits;
   }
 
   py::object& untyped(StorageSlot& slot) {
@@ -493,17 +518,17 @@ class PyBuilder {
     py::handle storage = PyTuple_GET_ITEM(args.ptr(), 0);
     if (!py::isinstance(storage, typed_storage_))
       fail(ErrorKind::Metadata, "tensor rebuild call on a " + type_name(storage) + ", not a storage");
-    uint32_t itemsize;
+    uint32_t bits;
     if (v3) {
       if (n < 7) fail(ErrorKind::Metadata, "_rebuild_tensor_v3 call without a dtype");
-      itemsize = dtype_itemsize(PyTuple_GET_ITEM(args.ptr(), 6));
+      bits = dtype_bits(PyTuple_GET_ITEM(args.ptr(), 6));
     } else {
-      itemsize = dtype_itemsize(storage.attr("dtype"));
+      bits = dtype_bits(storage.attr("dtype"));
     }
     uint64_t nbytes = storage.attr("_untyped_storage").attr("nbytes")().cast<uint64_t>();
     check_tensor_in_storage(as_int64(PyTuple_GET_ITEM(args.ptr(), 1), "storage offset"),
                             as_int64_list(PyTuple_GET_ITEM(args.ptr(), 2), "size"),
-                            as_int64_list(PyTuple_GET_ITEM(args.ptr(), 3), "stride"), itemsize, nbytes);
+                            as_int64_list(PyTuple_GET_ITEM(args.ptr(), 3), "stride"), bits, nbytes);
   }
 
   // _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])
@@ -521,11 +546,13 @@ class PyBuilder {
     }
     StorageSlot& slot = *items[0].lazy->slot;
     py::object dtype = v3 ? items[6].obj : slot.dtype;
-    const uint32_t itemsize = v3 ? dtype_itemsize(dtype) : slot.itemsize;
+    const uint32_t bits = dtype_bits(dtype);
+    if (bits % 8 != 0) return py::object();  // packed dtypes: torch's own function
+    const uint32_t itemsize = bits / 8;
     const int64_t offset = as_int64(items[1].obj, "storage offset");
     std::vector<int64_t> size = as_int64_list(items[2].obj, "size");
     std::vector<int64_t> stride = as_int64_list(items[3].obj, "stride");
-    check_tensor_in_storage(offset, size, stride, itemsize, slot.nbytes);
+    check_tensor_in_storage(offset, size, stride, bits, slot.nbytes);
     PyObject* requires_grad = items[4].obj.ptr();
     if (!PyBool_Check(requires_grad)) fail(ErrorKind::Metadata, "tensor requires_grad is not a bool");
 
@@ -566,7 +593,8 @@ class PyBuilder {
   py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, settable_types_, empty_shape_, zero_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, build_, settable_types_, empty_shape_, zero_;
+  py::object checkpoint_error_, unpickling_error_;
   std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> numbered_slots_;
@@ -576,7 +604,7 @@ class PyBuilder {
   py::object last_location_;
   bool last_location_fast_ = false;
   std::unordered_map<PyObject*, DtypeInfo> dtypes_;
-  std::unordered_map<PyObject*, uint32_t> itemsizes_;
+  std::unordered_map<PyObject*, uint32_t> element_bits_;
   std::vector<py::object> keep_alive_;  // keys of the PyObject* maps above
 };
 

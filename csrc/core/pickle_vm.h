@@ -347,8 +347,8 @@ class PickleMachine {
   [[noreturn]] void refuse(uint8_t code, const char* why) const {
     char hex[8];
     std::snprintf(hex, sizeof hex, "0x%02x", code);
-    fail(ErrorKind::UnsafeGlobal, std::string("opcode ") + hex + " ('" + static_cast<char>(code) +
-                                      "') is not allowed: " + why + " (at byte " + std::to_string(position()) + ")");
+    fail(ErrorKind::UnsafeGlobal, std::string("opcode ") + hex + " is not allowed: " + why + " (at byte " +
+                                      std::to_string(position()) + ")");
   }
 
   const uint8_t* take(uint64_t n) {

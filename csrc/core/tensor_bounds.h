@@ -30,10 +30,11 @@ inline bool is_contiguous(const std::vector<int64_t>& size, const std::vector<in
   return true;
 }
 
-// Throws Error(Metadata) unless offset/size/stride (in elements of `itemsize`
-// bytes) address only bytes in [0, storage_nbytes).
+// Throws Error(Metadata) unless offset/size/stride (in elements of
+// `element_bits` bits: 4 and 2 for torch's packed quint4x2/quint2x4) address
+// only bytes in [0, storage_nbytes).
 inline void check_tensor_in_storage(int64_t offset, const std::vector<int64_t>& size,
-                                    const std::vector<int64_t>& stride, uint32_t itemsize,
+                                    const std::vector<int64_t>& stride, uint32_t element_bits,
                                     uint64_t storage_nbytes) {
   if (size.size() != stride.size())
     fail(ErrorKind::Metadata, "tensor has " + std::to_string(size.size()) + " sizes but " +
@@ -53,8 +54,8 @@ inline void check_tensor_in_storage(int64_t offset, const std::vector<int64_t>& 
   }
   if (numel == 0) return;  // an empty tensor addresses no bytes
   uint64_t end_bytes;
-  if (!checked_add(last, 1, &end_bytes) || !checked_mul(end_bytes, itemsize, &end_bytes) ||
-      end_bytes > storage_nbytes)
+  if (!checked_add(last, 1, &end_bytes) || !checked_mul(end_bytes, element_bits, &end_bytes) ||
+      !checked_add(end_bytes, 7, &end_bytes) || (end_bytes /= 8) > storage_nbytes)
     fail(ErrorKind::Metadata, "tensor (offset " + std::to_string(offset) + ") needs bytes up to " +
                                   std::to_string(end_bytes) + " of a storage of " + std::to_string(storage_nbytes) +
                                   " bytes");

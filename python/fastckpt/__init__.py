@@ -11,15 +11,13 @@ from fastckpt.errors import (
     UnsafeGlobalError,
 )
 from fastckpt.archive import open_archive, verify
+from fastckpt.patching import patch, patched, unpatch
 
 __version__ = "0.1.0"
 
 
 _LAZY = {
     "load": "fastckpt.loader",
-    "patch": "fastckpt.patch",
-    "unpatch": "fastckpt.patch",
-    "patched": "fastckpt.patch",
     "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
 }
 

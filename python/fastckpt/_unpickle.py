@@ -20,6 +20,7 @@ from torch.serialization import StorageType, _get_restore_location, _maybe_decod
 from fastckpt.errors import MetadataError, RecordError, UnsafeGlobalError
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
+_PACKED_BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
 _NJT_NAMES = (
     "torch.nested._internal.nested_tensor.NestedTensor",
     "torch.nested._internal.nested_tensor._rebuild_njt",
@@ -86,10 +87,11 @@ class Storages:
         raise MetadataError(f"persistent id names {storage_type!r}, which is not a storage type")
 
     @staticmethod
-    def dtype_itemsize(dtype) -> int:
+    def dtype_bits(dtype) -> int:
+        """Bits per tensor element; quint4x2 and quint2x4 pack 2 and 4 elements per byte."""
         if not isinstance(dtype, torch.dtype):
             raise MetadataError(f"tensor dtype is {dtype!r}, not a torch.dtype")
-        return dtype.itemsize
+        return _PACKED_BITS.get(dtype, dtype.itemsize * 8)
 
     def persistent_load(self, saved_id):
         if not isinstance(saved_id, tuple) or len(saved_id) != 5:
@@ -134,7 +136,7 @@ class WeightsOnlyContext:
         self.encoding = encoding
         self.fast_location = storages.fast_location
         self.storage_dtype = storages.storage_dtype
-        self.dtype_itemsize = storages.dtype_itemsize
+        self.dtype_bits = storages.dtype_bits
         self.persistent_load = storages.persistent_load
         self._allowed = _wo._get_allowed_globals()
         self._user = _wo._get_user_allowed_globals()

@@ -266,19 +266,18 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         mmap = config.load.mmap
     if _handed_to_torch(f, mmap):
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
-    weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module, warn=True)
-    if pickle_load_args and weights_only:
-        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
-    pickle_load_args.setdefault("encoding", "utf-8")
     if mmap and not _is_path(f):
         raise ValueError("f must be a file path in order to use the mmap argument")
-
     start = None if _is_path(f) else f.tell()
     archive = open_archive(f)
     if "constants.pkl" in archive:  # a TorchScript archive: torch.load dispatches to torch.jit.load
         if start is not None:
             f.seek(start)
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
+    weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module, warn=True)
+    if pickle_load_args and weights_only:
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
+    pickle_load_args.setdefault("encoding", "utf-8")
     return _load_archive(
         archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap, verify=verify,
         threads=threads or 0, pickle_load_args=pickle_load_args,

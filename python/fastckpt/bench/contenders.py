@@ -1,0 +1,132 @@
+"""The loaders under test. Each one is built in the worker (imports done) before the clock starts.
+
+A contender id is one of CONTENDERS, a family name (torch, safetensors, fastckpt) standing for all
+of its members, or `module:function` for any loader called as `function(path, map_location)` on
+the .pt file (handy to benchmark a branch, and how the tests feed in a deliberately wrong loader).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    id: str
+    label: str
+    family: str
+    fmt: str  # which file it reads: "pt" or "safetensors"
+    lazy: bool  # on CPU it returns before the bytes are read (mmap): timed as returned and touched
+    make: Callable[[str, str], Callable[[], object]]  # (path, device) -> load(), imports done
+    requires: tuple[str, str | None]  # (module, attribute) that must exist for it to run
+
+
+def _torch_load(weights_only: bool, mmap: bool):
+    def make(path: str, device: str):
+        import torch
+
+        location = None if device == "cpu" else device
+        return lambda: torch.load(path, map_location=location, weights_only=weights_only, mmap=mmap)
+
+    return make
+
+
+def _fastckpt_load(mmap: bool):
+    def make(path: str, device: str):
+        import fastckpt
+
+        location = None if device == "cpu" else device
+        return lambda: fastckpt.load(path, map_location=location, weights_only=True, mmap=mmap)
+
+    return make
+
+
+def _safetensors_load_file(path: str, device: str):
+    from safetensors.torch import load_file
+
+    return lambda: load_file(path, device=device)
+
+
+def _safetensors_open(path: str, device: str):
+    from safetensors import safe_open
+
+    def load():
+        with safe_open(path, framework="pt", device=device) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+
+    return load
+
+
+def _custom(spec: str) -> Contender:
+    module, _, function = spec.partition(":")
+
+    def make(path: str, device: str):
+        fn = getattr(importlib.import_module(module), function)
+        location = None if device == "cpu" else device
+        return lambda: fn(path, location)
+
+    return Contender(spec, spec, "custom", "pt", False, make, (module, function))
+
+
+CONTENDERS = {
+    c.id: c
+    for c in (
+        Contender("torch", "torch.load wo=T mmap=F", "torch", "pt", False, _torch_load(True, False), ("torch", None)),
+        Contender("torch-mmap", "torch.load wo=T mmap=T", "torch", "pt", True, _torch_load(True, True),
+                  ("torch", None)),
+        Contender("torch-pickle", "torch.load wo=F mmap=F", "torch", "pt", False, _torch_load(False, False),
+                  ("torch", None)),
+        Contender("torch-pickle-mmap", "torch.load wo=F mmap=T", "torch", "pt", True, _torch_load(False, True),
+                  ("torch", None)),
+        Contender("st-load", "safetensors load_file", "safetensors", "safetensors", True, _safetensors_load_file,
+                  ("safetensors.torch", None)),
+        Contender("st-open", "safetensors safe_open", "safetensors", "safetensors", True, _safetensors_open,
+                  ("safetensors", None)),
+        Contender("fastckpt", "fastckpt.load mmap=F", "fastckpt", "pt", False, _fastckpt_load(False),
+                  ("fastckpt", "load")),
+        Contender("fastckpt-mmap", "fastckpt.load mmap=T", "fastckpt", "pt", True, _fastckpt_load(True),
+                  ("fastckpt", "load")),
+    )
+}
+BASELINE = "torch"  # every contender's time is also shown relative to the default torch.load
+
+
+def resolve(ids: list[str]) -> list[Contender]:
+    """Contenders for ids, family names and module:function specs, in order, without duplicates."""
+    out: dict[str, Contender] = {}
+    for name in ids:
+        if ":" in name:
+            out.setdefault(name, _custom(name))
+            continue
+        members = [c for c in CONTENDERS.values() if name in (c.id, c.family)]
+        if not members:
+            from fastckpt.bench.generate import BenchError
+
+            raise BenchError(f"unknown contender '{name}': choose from {', '.join(CONTENDERS)}, the families "
+                             f"torch, safetensors, fastckpt, or module:function")
+        for c in members:
+            out.setdefault(c.id, c)
+    return list(out.values())
+
+
+def unavailable(c: Contender) -> str | None:
+    """Why `c` cannot run here, or None. Checked in the parent so a missing package is a message, not a crash."""
+    module, attribute = c.requires
+    try:
+        if attribute is None:
+            found = importlib.util.find_spec(module) is not None
+        else:
+            found = hasattr(importlib.import_module(module), attribute)
+    except ImportError:
+        found = False
+    if found:
+        return None
+    what = module if attribute is None else f"{module}.{attribute}"
+    return f"{what} is not available in this environment"
+
+
+def get(contender_id: str) -> Contender:
+    return CONTENDERS[contender_id] if ":" not in contender_id else _custom(contender_id)
