@@ -197,6 +197,7 @@ class PyBuilder {
     }
     if (any_lazy) {
       auto node = std::make_shared<Lazy>();
+      node->items.reserve(n);
       for (size_t i = 0; i < n; ++i) {
         Value& item = items[i];
         // Keep materialisation recursion shallow whatever the file nests.
@@ -340,7 +341,7 @@ class PyBuilder {
     uint64_t nbytes;
     if (n < 0 || !checked_mul(static_cast<uint64_t>(n), info.itemsize, &nbytes))
       fail(ErrorKind::Metadata, "storage '" + key_str + "' has an invalid numel " + std::to_string(n));
-    const ZipRecord& record = source_->archive->record("data/" + key_str);
+    const ZipRecord& record = storage_record(key_str);
     if (record.size != nbytes)
       fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
                                   " bytes but its storage needs " + std::to_string(nbytes) + " (" +
@@ -392,7 +393,7 @@ class PyBuilder {
 
   // torch.save names storages "0", "1", ...: those index a vector (bounded by
   // the archive's record count); any other key goes through a map.
-  static bool decimal_key(const std::string& key, size_t bound, size_t* out) {
+  static bool decimal_key(std::string_view key, size_t bound, size_t* out) {
     if (key.empty() || key.size() > 9 || (key.size() > 1 && key[0] == '0')) return false;
     size_t v = 0;
     for (char c : key) {
@@ -408,6 +409,26 @@ class PyBuilder {
     auto it = named_slots_.find(key);
     return it == named_slots_.end() ? nullptr : &it->second;
   }
+  // The record "data/<key>". Numbered keys are looked up in a table made with
+  // one sequential pass over the index: random probes into a large index
+  // cost a cache miss each.
+  const ZipRecord& storage_record(const std::string& key) {
+    const auto& records = source_->archive->index.records();
+    if (!numbered_records_built_) {
+      numbered_records_built_ = true;
+      for (const ZipRecord& r : records) {
+        size_t i;
+        if (r.name.compare(0, 5, "data/") == 0 && decimal_key(std::string_view(r.name).substr(5), records.size(), &i)) {
+          if (i >= numbered_records_.size()) numbered_records_.resize(i + 1, nullptr);
+          numbered_records_[i] = &r;
+        }
+      }
+    }
+    size_t i;
+    if (decimal_key(key, numbered_records_.size(), &i) && numbered_records_[i] != nullptr) return *numbered_records_[i];
+    return source_->archive->record("data/" + key);
+  }
+
   void remember_slot(const std::string& key, const PyValue& v) {
     size_t i;
     if (decimal_key(key, source_->archive->index.records().size(), &i)) {
@@ -598,6 +619,8 @@ class PyBuilder {
   std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> numbered_slots_;
+  std::vector<const ZipRecord*> numbered_records_;
+  bool numbered_records_built_ = false;
   std::unordered_map<std::string, Value> named_slots_;
   std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
   std::unordered_map<std::string, bool> fast_locations_;
