@@ -165,7 +165,6 @@ def _write(spec: Spec, cache_dir: str, manifest_path: str) -> dict:
                 torch.save(obj, tmp)
             else:
                 _write_safetensors(tmp, tensors)
-            _fsync(tmp)  # dirty pages cannot be evicted: cold runs need the file clean
             final = os.path.join(os.path.abspath(cache_dir), os.path.basename(tmp))
             os.replace(tmp, final)
             files[fmt] = {"path": final, "bytes": os.path.getsize(final)}
@@ -185,14 +184,6 @@ def _write(spec: Spec, cache_dir: str, manifest_path: str) -> dict:
         json.dump(manifest, f, indent=1)
     os.replace(manifest_path + ".tmp", manifest_path)
     return manifest
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64",

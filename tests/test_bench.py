@@ -1,0 +1,273 @@
+"""The benchmark harness itself: deterministic checkpoints, real correctness checks, cold-cache
+detection, the results document. Small sizes only; one end-to-end run shared by several tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fastckpt.bench import cli, coldcache, generate, summary, worker  # noqa: E402
+from fastckpt.bench.generate import BenchError  # noqa: E402
+
+# --------------------------------------------------------------------------- generator
+
+
+@pytest.mark.parametrize("text, name", [("llm-2g", "llm-2g"), ("LLM-0.25G", "llm-250m"), ("llm-100m-fp16", "llm-100m-fp16"),
+                                        ("llm-1g-bf16", "llm-1g"), ("small-100000", "small-100k"), ("moe-20k", "moe-20k"),
+                                        ("train-1g", "train-1g")])
+def test_spec_names_are_canonical(text, name):
+    assert generate.parse_spec(text).name == name
+
+
+@pytest.mark.parametrize("text", ["gpt-1g", "llm", "llm-0", "llm-xg", "llm-1g-int8", "small-10k-bf16", "llm-1g-bf16-x"])
+def test_bad_specs_are_refused_with_a_message(text):
+    with pytest.raises(BenchError, match="bad checkpoint spec|SCENARIO"):
+        generate.parse_spec(text)
+
+
+def _pt_records(path):
+    """Every record of a torch.save file except the random serialization_id."""
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n) for n in z.namelist() if not n.endswith("serialization_id")}
+
+
+@pytest.mark.parametrize("spec", ["small-300", "moe-400", "llm-12m", "train-2m"])
+def test_generator_is_deterministic(tmp_path, spec):
+    a = generate.ensure(generate.parse_spec(spec), str(tmp_path / "a"))
+    b = generate.ensure(generate.parse_spec(spec), str(tmp_path / "b"))
+    assert a["digest"] == b["digest"]
+    assert _pt_records(a["files"]["pt"]["path"]) == _pt_records(b["files"]["pt"]["path"])
+    with open(a["files"]["safetensors"]["path"], "rb") as fa, open(b["files"]["safetensors"]["path"], "rb") as fb:
+        assert fa.read() == fb.read()
+
+
+def test_cached_checkpoint_is_reused(tmp_path):
+    spec = generate.parse_spec("small-100")
+    first = generate.ensure(spec, str(tmp_path))
+    mtime = os.path.getmtime(first["files"]["pt"]["path"])
+    assert generate.ensure(spec, str(tmp_path)) == first
+    assert os.path.getmtime(first["files"]["pt"]["path"]) == mtime
+
+
+def test_safetensors_twin_has_the_same_tensors_in_the_same_order(tmp_path):
+    from safetensors.torch import load_file
+
+    from fastckpt.bench.digest import flatten
+
+    m = generate.ensure(generate.parse_spec("train-2m"), str(tmp_path))
+    loaded = torch.load(m["files"]["pt"]["path"], weights_only=True)
+    tensors = [(k, t) for k, t in flatten(loaded) if isinstance(t, torch.Tensor)]
+    twin = load_file(m["files"]["safetensors"]["path"])
+    assert sorted(twin) == sorted(k for k, _ in tensors)
+    for key, t in tensors:
+        assert twin[key].dtype == t.dtype and torch.equal(twin[key], t), key
+    with open(m["files"]["safetensors"]["path"], "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    header.pop("__metadata__")
+    assert list(header) == [k for k, _ in tensors]  # file order = pickle (storage record) order
+    starts = [v["data_offsets"][0] for v in header.values()]
+    assert starts == sorted(starts)
+    assert "optimizer.state.0.exp_avg_sq" in twin and isinstance(loaded["optimizer"]["param_groups"], list)
+
+
+def test_generation_refuses_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 9 << 30, 1 << 30))
+    with pytest.raises(BenchError, match=r"not generating llm-2g: it needs about 4\.00 GB .* only 1\.07 GB is free"):
+        generate.ensure(generate.parse_spec("llm-2g"), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- cold cache
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    return str(path)
+
+
+def test_a_file_read_just_before_is_resident_and_not_cold(data_file, monkeypatch):
+    coldcache.warm(data_file)
+    assert coldcache.resident_fraction(data_file) == 1.0
+    assert worker.check_residency(data_file, cold=False) == {"status": "ok", "resident_before": 1.0}
+    # An eviction the kernel ignores must not yield a timed "cold" run.
+    monkeypatch.setattr(coldcache, "evict", lambda path: None)
+    assert worker.check_residency(data_file, cold=True) == {"status": "not-cold", "resident_before": 1.0}
+
+
+def test_a_file_found_evicted_is_timed_cold(data_file, monkeypatch):
+    coldcache.evict(data_file)  # the real request; whether the kernel honours it is not under test
+    after = coldcache.resident_fraction(data_file)
+    assert 0.0 <= after <= 1.0
+    monkeypatch.setattr(coldcache, "resident_fraction", lambda path: 0.0)
+    assert worker.check_residency(data_file, cold=True) == {"status": "ok", "resident_before": 0.0}
+    monkeypatch.setattr(coldcache, "resident_fraction", lambda path: 2 * coldcache.COLD_TOLERANCE)
+    assert worker.check_residency(data_file, cold=True)["status"] == "not-cold"
+
+
+def test_touch_reads_every_distinct_storage_once():
+    base = torch.arange(10_000, dtype=torch.float32)
+    obj = {"a": base, "view": base[10:20], "b": [torch.ones(3, dtype=torch.bfloat16)], "empty": torch.empty(0), "n": 3}
+    assert worker.touch(obj) == base.untyped_storage().nbytes() + 6
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def test_pt_loaders_must_match_structure_and_safetensors_the_tensors():
+    from collections import OrderedDict
+
+    from fastckpt.bench.contenders import CONTENDERS
+    from fastckpt.bench.digest import digest
+    from fastckpt.bench.runner import is_correct
+
+    t = torch.arange(6.0)
+    reference = digest({"model": OrderedDict(w=t, b=t[2:]), "step": 3})
+    u = t.clone()
+    same = {"digest": digest({"model": OrderedDict(w=u, b=u[2:]), "step": 3})}
+    assert same["digest"] == reference
+    assert is_correct(same, reference, CONTENDERS["torch"], "cpu") is True
+    wrong = {
+        "values": {"model": OrderedDict(w=t + 1, b=t[2:]), "step": 3},
+        "dtype": {"model": OrderedDict(w=t.double(), b=t[2:]), "step": 3},
+        "container": {"model": dict(w=t, b=t[2:]), "step": 3},
+        "key order": {"model": OrderedDict(b=t[2:], w=t), "step": 3},
+        "non-tensor": {"model": OrderedDict(w=t, b=t[2:]), "step": 4},
+        "sharing": {"model": OrderedDict(w=t, b=t[2:].clone()), "step": 3},
+        "parameter": {"model": OrderedDict(w=torch.nn.Parameter(t), b=t[2:]), "step": 3},
+    }
+    for what, obj in wrong.items():
+        assert is_correct({"digest": digest(obj)}, reference, CONTENDERS["torch"], "cpu") is False, what
+    assert is_correct({"digest": digest(wrong["container"])}, reference, CONTENDERS["st-load"], "cpu") is True
+    flat = {"model.w": t, "model.b": t[2:].clone()}  # a safetensors load: flat, own storages
+    assert is_correct({"digest": digest(flat)}, reference, CONTENDERS["st-load"], "cpu") is True
+    assert is_correct({"digest": digest(flat)}, reference, CONTENDERS["st-load"], "cuda:0") is False
+    assert is_correct({"status": "not-cold"}, reference, CONTENDERS["torch"], "cpu") is None
+
+
+# --------------------------------------------------------------------------- ratios
+
+
+def test_ratios_pair_rounds_and_compare_lazy_load_times_only_with_lazy():
+    def sample(cid, r, load, ready, correct=True):
+        return {"contender": cid, "round": r, "status": "ok", "correct": correct, "load_s": load, "ready_s": ready,
+                "cpu_ready_s": ready, "rss_base": 0, "rss_ready": 0}
+
+    contenders = [{"id": "torch", "family": "torch", "lazy": False}, {"id": "torch-mmap", "family": "torch", "lazy": True},
+                  {"id": "fastckpt-mmap", "family": "fastckpt", "lazy": True}]
+    samples = [sample("torch", 0, 1.0, 1.0), sample("torch-mmap", 0, 0.1, 0.5), sample("fastckpt-mmap", 0, 0.05, 0.25),
+               sample("torch", 1, 2.0, 2.0), sample("torch-mmap", 1, 0.2, 1.0), sample("fastckpt-mmap", 1, 0.1, 2.0, False)]
+    results = {"config": {"contenders": contenders}, "ceilings": None,
+               "checkpoints": {"x": {"digest": {"storage_bytes": 10**9, "n_tensors": 10}, "files": {"pt": {"path": "x"}}}},
+               "cases": [{"checkpoint": "x", "mode": "warm", "device": "cpu", "samples": samples}]}
+    summary.annotate(results)
+    ratios = {(r["a"], r["b"], r["metric"]): r for r in results["cases"][0]["ratios"]}
+    assert ratios["torch-mmap", "torch", "ready_s"]["median"] == 0.5 and ratios["torch-mmap", "torch", "ready_s"]["n"] == 2
+    assert ("torch-mmap", "torch", "load_s") not in ratios  # eager vs lazy: as-returned times are not comparable
+    fast = ratios["fastckpt-mmap", "torch-mmap", "load_s"]
+    assert (fast["median"], fast["n"]) == (0.5, 1)  # round 1's wrong result is left out
+    assert results["cases"][0]["summary"]["fastckpt-mmap"]["correct"] is False
+
+
+# --------------------------------------------------------------------------- end to end
+
+LOADERS = '''
+import torch
+
+def off_by_one(path, map_location):
+    sd = torch.load(path, map_location=map_location)
+    key = next(iter(sd))
+    sd[key] = sd[key] + 1
+    return sd
+'''
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One `fastckpt bench` run: torch.load and safetensors, a wrong custom loader, one that cannot be
+    imported; warm and cold; JSON and plot written."""
+    root = tmp_path_factory.mktemp("bench")
+    (root / "bench_loaders.py").write_text(LOADERS)
+    out = root / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        mp.syspath_prepend(str(root))
+        rc = cli.main(["-c", "small-200", "--contenders", "torch,st-load,bench_loaders:off_by_one,no_such_module:load", "--mode", "warm,cold", "--device", "cpu",
+                       "--rounds", "1", "--cache-dir", str(root / "cache"), "--out", str(out)])
+    with open(out / "results.json") as f:
+        return rc, json.load(f), out
+
+
+def test_a_wrong_loader_is_flagged(bench_run):
+    rc, results, _ = bench_run
+    assert rc == 1  # a wrong result fails the command
+    for case in results["cases"]:
+        s = case["summary"]
+        if s["bench_loaders:off_by_one"]["ok"]:
+            assert s["bench_loaders:off_by_one"]["correct"] is False
+        if s["torch"]["ok"]:
+            assert s["torch"]["correct"] is True
+            assert s["st-load"]["correct"] is True
+
+
+def test_missing_contender_is_skipped_with_a_reason(bench_run):
+    _, results, _ = bench_run
+    assert "no_such_module" in results["skipped"]["no_such_module:load"]
+    assert all(s["contender"] != "no_such_module:load" for case in results["cases"] for s in case["samples"])
+
+
+def test_cold_runs_are_either_evicted_or_reported_not_cold(bench_run):
+    _, results, _ = bench_run
+    cold = [s for case in results["cases"] if case["mode"] == "cold" for s in case["samples"]]
+    assert cold
+    for s in cold:
+        assert s["status"] in ("ok", "not-cold")
+        if s["status"] == "ok":
+            assert s["resident_before"] <= coldcache.COLD_TOLERANCE
+        else:
+            assert "load_s" not in s
+
+
+def test_results_document_schema(bench_run):
+    _, results, out = bench_run
+    assert results["schema"] == "fastckpt-bench/1"
+    assert {"cpu", "cores", "memory_bytes", "torch", "safetensors", "fastckpt", "gpu"} <= set(results["machine"])
+    assert results["config"]["rounds"] == 1 and results["config"]["modes"] == ["warm", "cold"]
+    assert set(results["ceilings"]) >= {"memcpy_1core", "first_touch", "files"}
+    manifest = results["checkpoints"]["small-200"]
+    assert manifest["digest"]["n_tensors"] == 200 and os.path.isfile(manifest["files"]["safetensors"]["path"])
+    assert [(c["mode"], c["device"]) for c in results["cases"]] == [("warm", "cpu"), ("cold", "cpu")]
+    ids = [c["id"] for c in results["config"]["contenders"]]
+    for case in results["cases"]:
+        assert [s["contender"] for s in case["samples"]] == ids
+        for s in case["samples"]:
+            assert s["status"] in ("ok", "not-cold")
+            if s["status"] == "ok":
+                assert s["ready_s"] >= s["load_s"] > 0 and s["cpu_ready_s"] >= 0
+                assert s["rss_ready"] >= s["rss_base"] > 0
+                assert set(s["digest"]) >= {"tensors", "structure", "n_tensors", "devices"}
+        assert set(case["summary"]) == set(ids)
+        for r in case["ratios"]:
+            assert r["min"] <= r["median"] <= r["max"] and r["metric"] in ("ready_s", "load_s")
+    warm = results["cases"][0]["summary"]
+    assert warm["torch"]["ceiling"]["name"] == "page-cache read"
+    assert warm["st-load"]["lazy"] and warm["st-load"]["ceiling"]["name"] == "page-cache map"
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_cli_refuses_clearly(capsys):
+    assert cli.main(["--contenders", "nope", "--device", "cpu"]) == 2
+    assert "unknown contender 'nope'" in capsys.readouterr().err
+    assert cli.main(["-c", "llm-1x", "--device", "cpu"]) == 2
+    assert "bad checkpoint spec" in capsys.readouterr().err
+    assert cli.main(["--list"]) == 0
+    assert "fastckpt-mmap" in capsys.readouterr().out
