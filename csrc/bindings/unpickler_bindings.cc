@@ -16,6 +16,7 @@
 #include <unordered_map>
 
 #include "bindings/common.h"
+#include "bindings/dlpack_tensor.h"
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
@@ -32,6 +33,7 @@ struct StorageSlot {
   uint64_t nbytes = 0;
   py::object dtype;       // from the first persistent id naming this key
   uint32_t itemsize = 1;
+  py::object first_tensor;  // the tensor made over the whole storage, if any
   py::object untyped;     // torch.UntypedStorage, made on first need
   py::object typed;       // torch.storage.TypedStorage, made on first need
 };
@@ -69,23 +71,23 @@ int64_t as_int64(py::handle v, const char* what) {
   return x;
 }
 
-std::vector<int64_t> as_int64_list(py::handle v, const char* what) {
+// Fills `out` (reused across tensors to spare an allocation each).
+void as_int64_list(py::handle v, const char* what, std::vector<int64_t>& out) {
   if (!PyTuple_Check(v.ptr()))  // torch.Size is a tuple subclass
     fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not a tuple");
   Py_ssize_t n = PyTuple_GET_SIZE(v.ptr());
   if (n > static_cast<Py_ssize_t>(kMaxTensorDims))
     fail(ErrorKind::Metadata, "tensor has " + std::to_string(n) + " dimensions (at most " +
                                   std::to_string(kMaxTensorDims) + " are accepted)");
-  std::vector<int64_t> out(static_cast<size_t>(n));
+  out.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = as_int64(PyTuple_GET_ITEM(v.ptr(), i), what);
-  return out;
 }
 
 // Where storages come from in the fast path.
 struct StorageSource {
   std::shared_ptr<Archive> archive;
-  py::object buffer;                                   // memoryview over the bytes
-  const uint8_t* base = nullptr;                       // start of that buffer
+  ByteView bytes;                                      // the mapping, or the eager arena
+  py::object buffer;                                   // a memoryview of `bytes`
   std::unordered_map<const ZipRecord*, uint64_t> arena_offsets;  // eager reads; empty: mmap
 };
 
@@ -97,6 +99,7 @@ class PyBuilder {
       : ctx_(std::move(ctx)), source_(std::move(source)) {
     py::module_ torch = py::module_::import("torch");
     frombuffer_ = torch.attr("frombuffer");
+    from_dlpack_ = torch.attr("_C").attr("_from_dlpack");
     empty_ = torch.attr("empty");
     uint8_ = torch.attr("uint8");
     typed_storage_ = py::module_::import("torch.storage").attr("TypedStorage");
@@ -359,6 +362,8 @@ class PyBuilder {
       if (at == source_->arena_offsets.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
       slot.source_offset = at->second;
     }
+    if (!range_within(slot.source_offset, slot.nbytes, source_->bytes.size))
+      fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");
     auto node = std::make_shared<Lazy>();
     node->slot = &slot;
     Value v{py::object(), std::move(node), 0, false};
@@ -488,6 +493,31 @@ class PyBuilder {
     return dtypes_.emplace(storage_type.ptr(), DtypeInfo{info[0], info[1].cast<uint32_t>()}).first->second;
   }
 
+  // The DLPack type of a torch dtype, or nullptr when DLPack has none.
+  const DLDataType* dlpack_dtype(py::handle dtype) {
+    auto it = dlpack_types_.find(dtype.ptr());
+    if (it == dlpack_types_.end()) {
+      py::object code_bits = ctx_.attr("dlpack_dtype")(dtype);
+      std::optional<DLDataType> dl;
+      if (!code_bits.is_none()) {
+        auto pair = code_bits.cast<std::pair<uint8_t, uint8_t>>();
+        dl = DLDataType{pair.first, pair.second, 1};
+      }
+      keep_alive_.push_back(py::reinterpret_borrow<py::object>(dtype));
+      it = dlpack_types_.emplace(dtype.ptr(), dl).first;
+    }
+    return it->second ? &*it->second : nullptr;
+  }
+
+  static void contiguous_strides(const std::vector<int64_t>& size, std::vector<int64_t>& strides) {
+    strides.resize(size.size());
+    int64_t step = 1;
+    for (size_t i = size.size(); i-- > 0;) {
+      strides[i] = step;
+      step *= size[i];
+    }
+  }
+
   // Bits per element of a tensor dtype (4 and 2 for the packed quantized ones).
   uint32_t dtype_bits(py::handle dtype) {
     auto it = element_bits_.find(dtype.ptr());
@@ -500,7 +530,9 @@ class PyBuilder {
 
   py::object& untyped(StorageSlot& slot) {
     if (!slot.untyped) {
-      if (slot.nbytes == 0) {
+      if (slot.first_tensor) {
+        slot.untyped = call_method(slot.first_tensor, name_untyped_storage_);
+      } else if (slot.nbytes == 0) {
         slot.untyped = untyped_storage_cls_(0);
       } else {
         slot.untyped = call_method(frombuffer(uint8_, slot.nbytes, slot.source_offset), name_untyped_storage_);
@@ -547,9 +579,9 @@ class PyBuilder {
       bits = dtype_bits(storage.attr("dtype"));
     }
     uint64_t nbytes = storage.attr("_untyped_storage").attr("nbytes")().cast<uint64_t>();
-    check_tensor_in_storage(as_int64(PyTuple_GET_ITEM(args.ptr(), 1), "storage offset"),
-                            as_int64_list(PyTuple_GET_ITEM(args.ptr(), 2), "size"),
-                            as_int64_list(PyTuple_GET_ITEM(args.ptr(), 3), "stride"), bits, nbytes);
+    as_int64_list(PyTuple_GET_ITEM(args.ptr(), 2), "size", size_);
+    as_int64_list(PyTuple_GET_ITEM(args.ptr(), 3), "stride", stride_);
+    check_tensor_in_storage(as_int64(PyTuple_GET_ITEM(args.ptr(), 1), "storage offset"), size_, stride_, bits, nbytes);
   }
 
   // _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])
@@ -571,21 +603,31 @@ class PyBuilder {
     if (bits % 8 != 0) return py::object();  // packed dtypes: torch's own function
     const uint32_t itemsize = bits / 8;
     const int64_t offset = as_int64(items[1].obj, "storage offset");
-    std::vector<int64_t> size = as_int64_list(items[2].obj, "size");
-    std::vector<int64_t> stride = as_int64_list(items[3].obj, "stride");
+    std::vector<int64_t>& size = size_;
+    std::vector<int64_t>& stride = stride_;
+    as_int64_list(items[2].obj, "size", size);
+    as_int64_list(items[3].obj, "stride", stride);
     check_tensor_in_storage(offset, size, stride, bits, slot.nbytes);
     PyObject* requires_grad = items[4].obj.ptr();
     if (!PyBool_Check(requires_grad)) fail(ErrorKind::Metadata, "tensor requires_grad is not a bool");
 
     py::object tensor;
     const uint64_t numel = tensor_numel(size);
-    if (!slot.untyped && slot.nbytes != 0 && offset == 0 && numel * itemsize == slot.nbytes &&
-        is_contiguous(size, stride)) {
+    const DLDataType* dl = dlpack_dtype(dtype);
+    if (!slot.untyped && !slot.first_tensor && slot.nbytes != 0 && offset == 0 && numel * itemsize == slot.nbytes &&
+        is_contiguous(size, stride) && dl != nullptr) {
       // The common case: the first tensor over its storage covers it whole.
-      // One torch call makes both, over the bytes in place.
+      // One torch call makes both, over the bytes in place, shaped.
+      contiguous_strides(size, contiguous_);
+      py::capsule capsule = dlpack_capsule(source_->bytes.owner, source_->bytes.data + slot.source_offset, *dl, size,
+                                           contiguous_);
+      tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));
+      slot.first_tensor = tensor;
+    } else if (!slot.untyped && !slot.first_tensor && slot.nbytes != 0 && offset == 0 &&
+               numel * itemsize == slot.nbytes && size.size() == 1) {
+      // Same, for dtypes DLPack cannot name.
       tensor = frombuffer(dtype, numel, slot.source_offset);
-      slot.untyped = call_method(tensor, name_untyped_storage_);
-      if (size.size() != 1) call_method(tensor, name_set_, {slot.untyped.ptr(), zero_.ptr(), items[2].obj.ptr(), items[3].obj.ptr()});
+      slot.first_tensor = tensor;
     } else {
       PyObject* args[] = {empty_shape_.ptr(), dtype.ptr()};
       tensor = steal(PyObject_Vectorcall(empty_.ptr(), args, 1, empty_kwnames_.ptr()));
@@ -613,7 +655,7 @@ class PyBuilder {
   std::optional<StorageSource> source_;
   py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
-  py::object frombuffer_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
+  py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
   py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
   std::string encoding_;
@@ -628,7 +670,9 @@ class PyBuilder {
   bool last_location_fast_ = false;
   std::unordered_map<PyObject*, DtypeInfo> dtypes_;
   std::unordered_map<PyObject*, uint32_t> element_bits_;
+  std::unordered_map<PyObject*, std::optional<DLDataType>> dlpack_types_;
   std::vector<py::object> keep_alive_;  // keys of the PyObject* maps above
+  std::vector<int64_t> size_, stride_, contiguous_;  // per-tensor scratch
 };
 
 }  // namespace
@@ -643,6 +687,7 @@ void register_unpickler(py::module_& m) {
         if (archive) {
           StorageSource s;
           s.archive = archive;
+          s.bytes = source.cast<ByteView>();
           s.buffer = py::reinterpret_steal<py::object>(PyMemoryView_FromObject(source.ptr()));
           if (!s.buffer) throw py::error_already_set();
           if (eager_names.size() != eager_offsets.size()) throw py::value_error("eager names/offsets differ in length");
@@ -658,8 +703,8 @@ void register_unpickler(py::module_& m) {
       },
       py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("source") = py::none(),
       py::arg("eager_names") = std::vector<std::string>(), py::arg("eager_offsets") = std::vector<uint64_t>(),
-      "Run the restricted pickle machine over `pickle`. With `archive` and `source` (a buffer over the "
-      "archive, or over an eager ReadJob's arena holding `eager_names` at `eager_offsets`), storages of CPU tensors are made "
+      "Run the restricted pickle machine over `pickle`. With `archive` and `source` (a ByteView of the "
+      "archive, or of an eager ReadJob's arena holding `eager_names` at `eager_offsets`), storages of CPU tensors are made "
       "natively; otherwise `ctx.persistent_load` makes them.");
 }
 

@@ -21,6 +21,21 @@ from fastckpt.errors import MetadataError, RecordError, UnsafeGlobalError
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
 _PACKED_BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
+# DLPack type codes: 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool.
+_DLPACK_TYPES = {
+    torch.bool: (6, 8),
+    torch.uint8: (1, 8),
+    torch.int8: (0, 8),
+    torch.int16: (0, 16),
+    torch.int32: (0, 32),
+    torch.int64: (0, 64),
+    torch.float16: (2, 16),
+    torch.float32: (2, 32),
+    torch.float64: (2, 64),
+    torch.bfloat16: (4, 16),
+    torch.complex64: (5, 64),
+    torch.complex128: (5, 128),
+}
 _NJT_NAMES = (
     "torch.nested._internal.nested_tensor.NestedTensor",
     "torch.nested._internal.nested_tensor._rebuild_njt",
@@ -87,6 +102,11 @@ class Storages:
         raise MetadataError(f"persistent id names {storage_type!r}, which is not a storage type")
 
     @staticmethod
+    def dlpack_dtype(dtype):
+        """(DLPack type code, bits) for dtypes torch imports through DLPack, else None."""
+        return _DLPACK_TYPES.get(dtype)
+
+    @staticmethod
     def dtype_bits(dtype) -> int:
         """Bits per tensor element; quint4x2 and quint2x4 pack 2 and 4 elements per byte."""
         if not isinstance(dtype, torch.dtype):
@@ -137,6 +157,7 @@ class WeightsOnlyContext:
         self.fast_location = storages.fast_location
         self.storage_dtype = storages.storage_dtype
         self.dtype_bits = storages.dtype_bits
+        self.dlpack_dtype = storages.dlpack_dtype
         self.persistent_load = storages.persistent_load
         self._allowed = _wo._get_allowed_globals()
         self._user = _wo._get_user_allowed_globals()

@@ -124,7 +124,8 @@ class _StorageSource:
         self.eager_offsets: list[int] = []
         self._inflated: dict[str, memoryview] = {}
         if mmap:
-            self.buffer = memoryview(archive.whole())
+            self.bytes = archive.whole()
+            self.buffer = memoryview(self.bytes)
             return
         stored = []
         for name in archive.names():
@@ -134,7 +135,8 @@ class _StorageSource:
                 else:  # a re-zipped checkpoint: inflated under a cap, CRC-checked
                     self._inflated[name] = memoryview(bytearray(read_record(archive, name)))
         self.job = archive.read_records_async(stored, True, threads)
-        self.buffer = memoryview(self.job.buffer)
+        self.bytes = self.job.buffer
+        self.buffer = memoryview(self.bytes)
         self.eager_names = stored
         self.eager_offsets = list(self.job.offsets)
         self._arena_offset = dict(zip(stored, self.eager_offsets))
@@ -224,7 +226,7 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
                 result = _native.unpickle(
                     data_pickle, ctx,
                     archive if native else None,
-                    source.buffer if native else None,
+                    source.bytes if native else None,
                     source.eager_names if native else [],
                     source.eager_offsets if native else [],
                 )
