@@ -40,19 +40,49 @@ struct StorageSlot {
 
 struct Lazy;
 
+// A counted reference to a Lazy node. Values are copied several times per
+// opcode (stack, memo) and only ever under the GIL, so the count is a plain
+// integer rather than shared_ptr's atomic one.
+class LazyRef {
+ public:
+  LazyRef() = default;
+  explicit LazyRef(Lazy* node);
+  LazyRef(const LazyRef& other) : LazyRef(other.node_) {}
+  LazyRef(LazyRef&& other) noexcept : node_(other.node_) { other.node_ = nullptr; }
+  LazyRef& operator=(LazyRef other) noexcept {
+    std::swap(node_, other.node_);
+    return *this;
+  }
+  ~LazyRef();
+  Lazy* operator->() const { return node_; }
+  Lazy& operator*() const { return *node_; }
+  explicit operator bool() const { return node_ != nullptr; }
+
+ private:
+  Lazy* node_ = nullptr;
+};
+
 struct PyValue {
   py::object obj;              // null while the value is lazy
-  std::shared_ptr<Lazy> lazy;  // a storage slot, or a tuple holding one
+  LazyRef lazy;                // a storage slot, or a tuple holding one
   uint32_t depth = 0;          // container nesting, for the cap
   bool global = false;         // resolved by GLOBAL: may be called / instantiated
 };
 
 struct Lazy {
+  uint32_t refs = 0;
   StorageSlot* slot = nullptr;  // a storage ...
   std::vector<PyValue> items;   // ... or a tuple with a lazy item
   uint32_t nesting = 0;         // lazy tuples inside this one
   py::object materialized;
 };
+
+LazyRef::LazyRef(Lazy* node) : node_(node) {
+  if (node_ != nullptr) ++node_->refs;
+}
+LazyRef::~LazyRef() {
+  if (node_ != nullptr && --node_->refs == 0) delete node_;
+}
 
 constexpr uint32_t kMaxLazyNesting = 8;
 
@@ -199,7 +229,7 @@ class PyBuilder {
       any_lazy |= items[i].obj.ptr() == nullptr;
     }
     if (any_lazy) {
-      auto node = std::make_shared<Lazy>();
+      LazyRef node(new Lazy());
       node->items.reserve(n);
       for (size_t i = 0; i < n; ++i) {
         Value& item = items[i];
@@ -213,10 +243,10 @@ class PyBuilder {
     PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
     if (t == nullptr) throw py::error_already_set();
     for (size_t i = 0; i < n; ++i) PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), items[i].obj.release().ptr());
-    return Value{steal(t), nullptr, depth + 1, false};
+    return Value{steal(t), LazyRef(), depth + 1, false};
   }
   Value list(Value* items, size_t n) {
-    Value l{steal(PyList_New(0)), nullptr, 1, false};
+    Value l{steal(PyList_New(0)), LazyRef(), 1, false};
     list_extend(l, items, n);
     return l;
   }
@@ -228,7 +258,7 @@ class PyBuilder {
     }
   }
   Value dict(Value* kv, size_t pairs) {
-    Value d{steal(PyDict_New()), nullptr, 1, false};
+    Value d{steal(PyDict_New()), LazyRef(), 1, false};
     dict_set(d, kv, pairs);
     return d;
   }
@@ -245,7 +275,7 @@ class PyBuilder {
       d.depth = std::max(d.depth, std::max(kv[2 * i].depth, kv[2 * i + 1].depth) + 1);
     }
   }
-  Value empty_set() { return Value{steal(PySet_New(nullptr)), nullptr, 1, false}; }
+  Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false}; }
   void set_add(Value& s, Value* items, size_t n) {
     if (s.obj.ptr() == nullptr || !PySet_CheckExact(s.obj.ptr())) unsafe("can only add items to sets, but got " + describe(s));
     for (size_t i = 0; i < n; ++i) {
@@ -256,7 +286,7 @@ class PyBuilder {
   Value frozenset(Value* items, size_t n) {
     Value s = empty_set();
     set_add(s, items, n);
-    return Value{steal(PyFrozenSet_New(s.obj.ptr())), nullptr, s.depth, false};
+    return Value{steal(PyFrozenSet_New(s.obj.ptr())), LazyRef(), s.depth, false};
   }
   uint32_t depth(const Value& v) const { return v.depth; }
 
@@ -268,7 +298,7 @@ class PyBuilder {
     auto it = globals_.find(key);
     if (it != globals_.end()) return it->second;
     py::object m = materialize_str(module), n = materialize_str(name);
-    Value v{ctx_.attr("resolve_global")(m, n), nullptr, 0, true};
+    Value v{ctx_.attr("resolve_global")(m, n), LazyRef(), 0, true};
     globals_.emplace(std::move(key), v);
     return v;
   }
@@ -291,7 +321,7 @@ class PyBuilder {
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
     PyObject* r = PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(callable.obj);
-    return Value{steal(r), nullptr, args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false};
   }
   Value newobj(Value& cls, Value& args) {
     if (!cls.global) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
@@ -299,7 +329,7 @@ class PyBuilder {
     if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
-    return Value{steal(r), nullptr, args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false};
   }
   Value newobj_ex(Value& cls, Value& args, Value& kwargs) {
     if (!cls.global) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
@@ -308,7 +338,7 @@ class PyBuilder {
       unsafe("NEWOBJ_EX needs a tuple and a dict");
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), k.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
-    return Value{steal(r), nullptr, args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false};
   }
   void build(Value& obj, Value& state) {
     py::object o = materialize(obj), st = materialize(state);
@@ -364,7 +394,7 @@ class PyBuilder {
     }
     if (!range_within(slot.source_offset, slot.nbytes, source_->bytes.size))
       fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");
-    auto node = std::make_shared<Lazy>();
+    LazyRef node(new Lazy());
     node->slot = &slot;
     Value v{py::object(), std::move(node), 0, false};
     remember_slot(key_str, v);
@@ -383,7 +413,7 @@ class PyBuilder {
     if (p == nullptr) throw py::error_already_set();
     return py::reinterpret_steal<py::object>(p);
   }
-  static Value plain(py::object o) { return Value{std::move(o), nullptr, 0, false}; }
+  static Value plain(py::object o) { return Value{std::move(o), LazyRef(), 0, false}; }
   static bool is_exact_str(const Value& v) { return v.obj.ptr() != nullptr && PyUnicode_CheckExact(v.obj.ptr()); }
 
   // Turns the pending Python exception into an UnpicklingError that keeps its text.

@@ -3,10 +3,10 @@
 // Plan, then run. Every task is bounds-checked before any byte moves. Large
 // tasks are cut into chunks so several workers share them (fresh destination
 // memory faults at a few GB/s per core: first-touch is what parallelism buys);
-// small tasks are batched so a checkpoint of thousands of tiny tensors costs a
-// handful of work units and, for files, a handful of pread(2) calls. Workers
-// pull units from an atomic counter; the caller's thread is one of them. Each
-// piece of a task gets its own CRC, merged afterwards with crc32_combine.
+// runs of small tasks are batched so a checkpoint of thousands of tiny tensors
+// costs a handful of work units and, for files, a handful of pread(2) calls.
+// Workers pull units from an atomic counter; the caller's thread is one of
+// them. Chunk CRCs are merged afterwards with crc32_combine.
 #include "core/copy_engine.h"
 
 #include <sched.h>
@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <system_error>
@@ -33,11 +34,14 @@ namespace {
 constexpr uint64_t kChunkBytes = uint64_t{8} << 20;
 // Tasks shorter than this are batched with their neighbours.
 constexpr uint64_t kSmallTaskBytes = uint64_t{64} << 10;
-// A batch holds at most this many bytes of tasks...
+// A batch holds at most this many tasks and bytes, so units stay small
+// enough to balance across workers...
+constexpr size_t kBatchTasks = 4096;
 constexpr uint64_t kBatchBytes = uint64_t{4} << 20;
 // ...and, for copies from a file, all its copies lie in one file span of at
-// most this size, read with a single pread into a per-worker scratch buffer.
-constexpr uint64_t kSpanBytes = uint64_t{1} << 20;
+// most this size, read with a single pread into a per-worker scratch buffer
+// (small enough to stay in L2 for the copies out of it).
+constexpr uint64_t kSpanBytes = uint64_t{256} << 10;
 // Copy then CRC in steps this size, so the CRC reads bytes still in L2.
 constexpr uint64_t kStepBytes = uint64_t{256} << 10;
 // Below this much work per worker, starting a thread costs more than it saves.
@@ -45,87 +49,69 @@ constexpr uint64_t kBytesPerWorker = uint64_t{1} << 20;
 // One pread call reads at most this much (Linux caps a call near 2 GiB).
 constexpr uint64_t kMaxReadBytes = uint64_t{1} << 30;
 
-// A byte range [offset, offset + length) of one task.
-struct Piece {
-  size_t task;
-  uint64_t offset;
-  uint64_t length;
-};
-
-// What one worker does at a time: consecutive pieces, plus the file span to
-// pread first when the unit is a batch of small copies from a file.
+// What one worker does at a time: either one chunk of a large task, or a
+// batch of consecutive small tasks (plus the file span to pread first when
+// the batch copies from a file).
 struct Unit {
-  size_t first_piece;
-  size_t piece_count;
-  uint64_t span_begin;
-  uint64_t span_end;  // == span_begin: nothing to pread up front
-};
-
-struct Plan {
-  std::vector<Piece> pieces;
-  std::vector<Unit> units;
-  std::vector<size_t> first_piece;  // per task, index into pieces
-  std::vector<size_t> piece_count;  // per task
-  uint64_t total_bytes = 0;         // saturating
+  size_t first_task;
+  size_t end_task;         // batch: tasks [first_task, end_task); chunk: first_task + 1
+  bool chunk;
+  uint64_t chunk_offset;   // chunk: byte range of the task
+  uint64_t chunk_length;
+  uint64_t span_begin;     // batch: file range to pread up front
+  uint64_t span_end;       // == span_begin: nothing
 };
 
 bool has_work(const CopyTask& t) {
   return t.length != 0 && (t.destination != nullptr || t.compute_crc);
 }
 
+struct Plan {
+  std::vector<Unit> units;
+  uint64_t total_bytes = 0;  // saturating
+};
+
 Plan make_plan(const MappedFile& file, const std::vector<CopyTask>& tasks) {
   const bool use_pread = file.fd() >= 0;
   Plan plan;
-  plan.first_piece.resize(tasks.size());
-  plan.piece_count.resize(tasks.size(), 0);
   bool batch_open = false;
   uint64_t batch_bytes = 0;
 
   for (size_t i = 0; i < tasks.size(); ++i) {
     const CopyTask& t = tasks[i];
-    plan.first_piece[i] = plan.pieces.size();
-    if (!has_work(t)) continue;
+    if (!has_work(t)) continue;  // inside a batch's range it is skipped at run time
     if (!checked_add(plan.total_bytes, t.length, &plan.total_bytes)) plan.total_bytes = UINT64_MAX;
 
     if (t.length >= kSmallTaskBytes) {
       batch_open = false;
-      for (uint64_t off = 0; off < t.length; off += kChunkBytes) {
-        plan.units.push_back({plan.pieces.size(), 1, 0, 0});
-        plan.pieces.push_back({i, off, std::min(kChunkBytes, t.length - off)});
-        ++plan.piece_count[i];
-      }
+      for (uint64_t off = 0; off < t.length; off += kChunkBytes)
+        plan.units.push_back({i, i + 1, true, off, std::min(kChunkBytes, t.length - off), 0, 0});
       continue;
     }
 
-    // A small task: join the open batch when the batch stays bounded.
+    // A small task: join the open batch while the batch stays bounded.
     const bool reads = use_pread && t.destination != nullptr;
     const uint64_t end = t.source_offset + t.length;  // inside the file: checked by the caller
     if (batch_open) {
-      Unit& u = plan.units.back();
-      bool fits = batch_bytes + t.length <= kBatchBytes;
+      const Unit& u = plan.units.back();
+      bool fits = u.end_task - u.first_task < kBatchTasks && batch_bytes + t.length <= kBatchBytes;
       if (fits && reads && u.span_end != u.span_begin)
         fits = std::max(u.span_end, end) - std::min(u.span_begin, t.source_offset) <= kSpanBytes;
       batch_open = fits;
     }
     if (!batch_open) {
-      plan.units.push_back({plan.pieces.size(), 0, 0, 0});
+      plan.units.push_back({i, i, false, 0, 0, 0, 0});
       batch_open = true;
       batch_bytes = 0;
     }
     Unit& u = plan.units.back();
     if (reads) {
-      if (u.span_end == u.span_begin) {
-        u.span_begin = t.source_offset;
-        u.span_end = end;
-      } else {
-        u.span_begin = std::min(u.span_begin, t.source_offset);
-        u.span_end = std::max(u.span_end, end);
-      }
+      const bool empty = u.span_end == u.span_begin;
+      u.span_begin = empty ? t.source_offset : std::min(u.span_begin, t.source_offset);
+      u.span_end = empty ? end : std::max(u.span_end, end);
     }
-    ++u.piece_count;
+    u.end_task = i + 1;
     batch_bytes += t.length;
-    plan.pieces.push_back({i, 0, t.length});
-    plan.piece_count[i] = 1;
   }
   return plan;
 }
@@ -152,17 +138,28 @@ void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offse
 class Runner {
  public:
   Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan)
-      : file_(file), tasks_(tasks), plan_(plan), piece_crc_(plan.pieces.size(), 0) {}
+      : file_(file), tasks_(tasks), plan_(plan), results_(tasks.size()),
+        chunk_crc_(plan.units.size(), 0) {}
 
   // Pulls units until none is left or a worker failed. Never throws: the
   // first failure is kept for the caller.
   void work() noexcept {
     try {
-      std::vector<uint8_t> scratch;
+      std::unique_ptr<uint8_t[]> scratch;  // allocated on first use, left uninitialised
       while (!failed_.load(std::memory_order_relaxed)) {
         const size_t u = next_unit_.fetch_add(1, std::memory_order_relaxed);
         if (u >= plan_.units.size()) break;
-        run_unit(plan_.units[u], scratch);
+        const Unit& unit = plan_.units[u];
+        if (unit.chunk) {
+          const CopyTask& t = tasks_[unit.first_task];
+          chunk_crc_[u] = t.destination == nullptr
+                              ? crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
+                                      static_cast<size_t>(unit.chunk_length))
+                              : copy(t, unit.chunk_offset, unit.chunk_length);
+        } else {
+          if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
+          run_batch(unit, scratch.get());
+        }
       }
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mutex_);
@@ -171,61 +168,56 @@ class Runner {
     }
   }
 
-  // After every worker has joined.
-  std::vector<CopyResult> results() const {
+  // After every worker has joined: rethrows a worker's failure, or merges
+  // the chunk CRCs (chunks of a task are consecutive units, in order).
+  std::vector<CopyResult> take_results() {
     if (error_) std::rethrow_exception(error_);
-    std::vector<CopyResult> out(tasks_.size());
-    for (size_t i = 0; i < tasks_.size(); ++i) {
-      if (!tasks_[i].compute_crc || plan_.piece_count[i] == 0) continue;
-      const size_t first = plan_.first_piece[i];
-      uint32_t crc = piece_crc_[first];
-      for (size_t j = first + 1; j < first + plan_.piece_count[i]; ++j)
-        crc = crc32_combine(crc, piece_crc_[j], plan_.pieces[j].length);
-      out[i].crc32 = crc;
+    for (size_t u = 0; u < plan_.units.size(); ++u) {
+      const Unit& unit = plan_.units[u];
+      if (!unit.chunk || !tasks_[unit.first_task].compute_crc) continue;
+      uint32_t& crc = results_[unit.first_task].crc32;
+      crc = unit.chunk_offset == 0 ? chunk_crc_[u]
+                                   : crc32_combine(crc, chunk_crc_[u], unit.chunk_length);
     }
-    return out;
+    return std::move(results_);
   }
 
  private:
-  void run_unit(const Unit& unit, std::vector<uint8_t>& scratch) {
+  void run_batch(const Unit& unit, uint8_t* scratch) {
     const uint64_t span = unit.span_end - unit.span_begin;
-    if (span > 0) {
-      if (scratch.size() < kSpanBytes) scratch.resize(kSpanBytes);
-      pread_full(file_, scratch.data(), span, unit.span_begin);
-    }
-    for (size_t p = unit.first_piece; p < unit.first_piece + unit.piece_count; ++p) {
-      const Piece& piece = plan_.pieces[p];
-      const CopyTask& t = tasks_[piece.task];
-      const uint64_t src = t.source_offset + piece.offset;
-      const size_t n = static_cast<size_t>(piece.length);
+    if (span > 0) pread_full(file_, scratch, span, unit.span_begin);
+    for (size_t i = unit.first_task; i < unit.end_task; ++i) {
+      const CopyTask& t = tasks_[i];
+      if (!has_work(t)) continue;
+      const auto n = static_cast<size_t>(t.length);
       if (t.destination == nullptr) {
         // Verify only: CRC straight from the mapping.
-        piece_crc_[p] = crc32(0, file_.data() + src, n);
-      } else if (span > 0) {
-        // SAFETY: [src, src+n) lies in [span_begin, span_end) by construction
-        // of the batch, and span <= kSpanBytes <= scratch.size().
-        uint8_t* dst = t.destination + piece.offset;
-        std::memcpy(dst, scratch.data() + (src - unit.span_begin), n);
-        if (t.compute_crc) piece_crc_[p] = crc32(0, dst, n);
-      } else {
-        piece_crc_[p] = copy(t, piece, src);
+        results_[i].crc32 = crc32(0, file_.data() + t.source_offset, n);
+        continue;
       }
+      // SAFETY: the task's source range was checked against the file; with a
+      // span, it lies inside [span_begin, span_end) by construction of the
+      // batch, and span <= kSpanBytes, the scratch size.
+      const uint8_t* src = span > 0 ? scratch + (t.source_offset - unit.span_begin)
+                                    : file_.data() + t.source_offset;
+      std::memcpy(t.destination, src, n);
+      if (t.compute_crc) results_[i].crc32 = crc32(0, t.destination, n);
     }
   }
 
-  // Copies one piece in steps, CRC of each step read back from the
-  // destination while it is still in cache.
-  uint32_t copy(const CopyTask& t, const Piece& piece, uint64_t src) {
-    uint8_t* dst = t.destination + piece.offset;
-    const bool from_file = file_.fd() >= 0;
-    const uint64_t step = t.compute_crc ? kStepBytes : piece.length;
+  // Copies [offset, offset + length) of a task in steps, the CRC of each
+  // step read back from the destination while it is still in cache.
+  uint32_t copy(const CopyTask& t, uint64_t offset, uint64_t length) {
+    const uint64_t src = t.source_offset + offset;
+    uint8_t* dst = t.destination + offset;
+    const uint64_t step = t.compute_crc ? kStepBytes : length;
     uint32_t crc = 0;
-    for (uint64_t done = 0; done < piece.length; done += step) {
-      const uint64_t n = std::min(step, piece.length - done);
+    for (uint64_t done = 0; done < length; done += step) {
+      const uint64_t n = std::min(step, length - done);
       // SAFETY: the task's source range was checked against the file and the
-      // piece lies inside the task; the destination is the caller's buffer
+      // chunk lies inside the task; the destination is the caller's buffer
       // of at least t.length bytes.
-      if (from_file)
+      if (file_.fd() >= 0)
         pread_full(file_, dst + done, n, src + done);
       else
         std::memcpy(dst + done, file_.data() + src + done, static_cast<size_t>(n));
@@ -237,7 +229,9 @@ class Runner {
   const MappedFile& file_;
   const std::vector<CopyTask>& tasks_;
   const Plan& plan_;
-  std::vector<uint32_t> piece_crc_;  // each slot written by one worker
+  // Each element is written by the one worker that owns its task or unit.
+  std::vector<CopyResult> results_;
+  std::vector<uint32_t> chunk_crc_;
   std::atomic<size_t> next_unit_{0};
   std::atomic<bool> failed_{false};
   std::mutex error_mutex_;
@@ -289,7 +283,7 @@ std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<Cop
   }
   runner.work();
   for (std::thread& th : pool) th.join();
-  return runner.results();
+  return runner.take_results();
 }
 
 }  // namespace fastckpt
