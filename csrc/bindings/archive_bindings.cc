@@ -212,6 +212,11 @@ void register_archive(py::module_& m) {
             // Header reads touch a few bytes each: no readahead of the data.
             file->advise(Advice::Random);
             ZipIndex index = ZipIndex::parse(file->data(), file->size());
+            // Reading the headers mapped whole page-cache folios around them
+            // (large folios can be 2 MiB); unmap them so an eager load, which
+            // reads with pread, does not carry them in its RSS. Nothing has
+            // been written to the private mapping yet, so nothing is lost.
+            file->advise(Advice::DontNeed);
             file->advise(Advice::Normal);
             return std::make_shared<Archive>(Archive{std::move(file), std::move(index)});
           },

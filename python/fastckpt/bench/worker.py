@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
 
 def prepare(request: dict):
     """Everything that must not be timed: imports, the contender's setup, the CUDA context."""
+    import numpy.ctypeslib  # noqa: F401  (used by touch(); importing it there would be timed)
     import torch
 
     from fastckpt.bench import contenders
