@@ -143,6 +143,7 @@ class PyBuilder {
     checkpoint_error_ = errors.attr("CheckpointError");
     unpickling_error_ = errors.attr("UnpicklingError");
     encoding_ = ctx_.attr("encoding").cast<std::string>();
+    permissive_ = ctx_.attr("permissive").cast<bool>();
     empty_shape_ = py::make_tuple(0);
     zero_ = py::int_(0);
     // Names used per tensor, made once: attribute lookups by C string would
@@ -151,6 +152,8 @@ class PyBuilder {
     name_untyped_storage_ = py::str("untyped_storage");
     name_requires_grad_ = py::str("requires_grad_");
     name_backward_hooks_ = py::str("_backward_hooks");
+    name_append_ = py::str("append");
+    name_add_ = py::str("add");
     frombuffer_kwnames_ = py::make_tuple("dtype", "count", "offset");
     empty_kwnames_ = py::make_tuple("dtype");
   }
@@ -251,9 +254,15 @@ class PyBuilder {
     return l;
   }
   void list_extend(Value& list, Value* items, size_t n) {
-    if (!PyList_CheckExact(list.obj.ptr())) unsafe("can only append to lists, but got " + describe(list));
+    const bool exact = list.obj.ptr() != nullptr && PyList_CheckExact(list.obj.ptr());
+    if (!exact && !permissive_) unsafe("can only append to lists, but got " + describe(list));
     for (size_t i = 0; i < n; ++i) {
-      if (PyList_Append(list.obj.ptr(), materialize(items[i]).ptr()) != 0) throw py::error_already_set();
+      py::object item = materialize(items[i]);
+      if (!exact) {
+        call_method(materialize(list), name_append_, {item.ptr()});
+      } else if (PyList_Append(list.obj.ptr(), item.ptr()) != 0) {
+        throw py::error_already_set();
+      }
       list.depth = std::max(list.depth, items[i].depth + 1);
     }
   }
@@ -265,7 +274,7 @@ class PyBuilder {
   void dict_set(Value& d, Value* kv, size_t pairs) {
     PyObject* target = d.obj.ptr();
     const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
-    if (!exact_dict && !is_settable_mapping(target))
+    if (!exact_dict && !permissive_ && !is_settable_mapping(target))
       unsafe("can only SETITEM for dict, collections.OrderedDict, collections.Counter, but got " + describe(d));
     for (size_t i = 0; i < pairs; ++i) {
       PyObject* key = materialize(kv[2 * i]).ptr();
@@ -277,9 +286,15 @@ class PyBuilder {
   }
   Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false}; }
   void set_add(Value& s, Value* items, size_t n) {
-    if (s.obj.ptr() == nullptr || !PySet_CheckExact(s.obj.ptr())) unsafe("can only add items to sets, but got " + describe(s));
+    const bool exact = s.obj.ptr() != nullptr && PySet_CheckExact(s.obj.ptr());
+    if (!exact && !permissive_) unsafe("can only add items to sets, but got " + describe(s));
     for (size_t i = 0; i < n; ++i) {
-      if (PySet_Add(s.obj.ptr(), materialize(items[i]).ptr()) != 0) python_value_error("cannot add a set item");
+      py::object item = materialize(items[i]);
+      if (!exact) {
+        call_method(materialize(s), name_add_, {item.ptr()});
+      } else if (PySet_Add(s.obj.ptr(), item.ptr()) != 0) {
+        python_value_error("cannot add a set item");
+      }
       s.depth = std::max(s.depth, items[i].depth + 1);
     }
   }
@@ -309,14 +324,17 @@ class PyBuilder {
   }
 
   Value reduce(Value& callable, Value& args) {
-    if (!callable.global) unsafe("REDUCE on " + describe(callable) + ", which is not an allowed global");
+    if (!callable.global && !permissive_) unsafe("REDUCE on " + describe(callable) + ", which is not an allowed global");
     if (args.lazy && args.lazy->slot == nullptr &&
         (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_))) {
       py::object t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
       if (t) return plain(std::move(t));
     }
     py::object a = materialize(args);
-    if (!PyTuple_CheckExact(a.ptr())) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
+    if (!PyTuple_CheckExact(a.ptr())) {
+      if (!permissive_) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
+      a = steal(PySequence_Tuple(a.ptr()));  // pickle calls func(*args) with any iterable
+    }
     if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_))
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
     PyObject* r = PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr);
@@ -324,7 +342,7 @@ class PyBuilder {
     return Value{steal(r), LazyRef(), args.depth, false};
   }
   Value newobj(Value& cls, Value& args) {
-    if (!cls.global) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
+    if (!cls.global && !permissive_) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
@@ -332,7 +350,7 @@ class PyBuilder {
     return Value{steal(r), LazyRef(), args.depth, false};
   }
   Value newobj_ex(Value& cls, Value& args, Value& kwargs) {
-    if (!cls.global) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
+    if (!cls.global && !permissive_) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
     py::object a = materialize(args), k = materialize(kwargs);
     if (!PyTuple_CheckExact(a.ptr()) || !PyDict_CheckExact(k.ptr()))
       unsafe("NEWOBJ_EX needs a tuple and a dict");
@@ -479,7 +497,8 @@ class PyBuilder {
   // as fastckpt.UnpicklingError, chained to the original exception.
   [[noreturn]] void reraise_as_checkpoint_error(py::handle callee) {
     py::error_already_set e;
-    if (e.matches(checkpoint_error_)) throw e;
+    // weights_only=False runs the file's own code: its errors pass through, as in torch.
+    if (permissive_ || e.matches(checkpoint_error_)) throw e;
     std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed";
     e.restore();
     py::raise_from(unpickling_error_.ptr(), what.c_str());
@@ -683,7 +702,9 @@ class PyBuilder {
 
   py::object ctx_;
   std::optional<StorageSource> source_;
-  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
+  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_, name_append_, name_add_;
+  // weights_only=False: any callable, any container, the file's own errors.
+  bool permissive_ = false;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
   py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, build_, settable_types_, empty_shape_, zero_;

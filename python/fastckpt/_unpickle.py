@@ -143,13 +143,12 @@ class Storages:
         return typed
 
 
-class WeightsOnlyContext:
-    """The ctx of a weights_only load: torch's allowlist, read once per load."""
+class _Context:
+    """What every ctx gives the native builder: storages, dtype facts, the rebuild functions it makes natively."""
 
     rebuild_tensor_v2 = staticmethod(torch._utils._rebuild_tensor_v2)
     rebuild_tensor_v3 = staticmethod(torch._utils._rebuild_tensor_v3)
     rebuild_qtensor = staticmethod(torch._utils._rebuild_qtensor)
-    settable_mappings = (OrderedDict, Counter)
 
     def __init__(self, storages: Storages, encoding: str):
         self.storages = storages
@@ -159,6 +158,70 @@ class WeightsOnlyContext:
         self.dtype_bits = storages.dtype_bits
         self.dlpack_dtype = storages.dlpack_dtype
         self.persistent_load = storages.persistent_load
+
+
+class FullContext(_Context):
+    """weights_only=False with the stdlib pickle module: pickle's own semantics, torch's class mapping."""
+
+    permissive = True
+    settable_mappings = ()
+
+    def __init__(self, storages: Storages, encoding: str, protocol: int):
+        super().__init__(storages, encoding)
+        self._protocol = protocol
+
+    def resolve_global(self, module: str, name: str):
+        # torch's UnpicklerWrapper.find_class, then pickle.Unpickler.find_class
+        if "Storage" in name:
+            try:
+                return StorageType(name)
+            except KeyError:
+                pass
+        module = {"torch.tensor": "torch._tensor"}.get(module, module)
+        sys.audit("pickle.find_class", module, name)
+        if self._protocol < 3:  # pickle.Unpickler's fix_imports=True
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+        __import__(module, level=0)
+        if self._protocol < 4:
+            return getattr(sys.modules[module], name)
+        obj = sys.modules[module]
+        for part in name.split("."):  # qualified names, from protocol 4 on
+            obj = getattr(obj, part)
+        return obj
+
+    @staticmethod
+    def newobj(cls, args, kwargs=None):
+        return cls.__new__(cls, *args, **(kwargs or {}))
+
+    @staticmethod
+    def build(inst, state):
+        setstate = getattr(inst, "__setstate__", None)
+        if setstate is not None:
+            setstate(state)
+            return
+        slotstate = None
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slotstate = state
+        if state:
+            inst_dict = inst.__dict__
+            for k, v in state.items():
+                inst_dict[sys.intern(k) if type(k) is str else k] = v
+        if slotstate:
+            for k, v in slotstate.items():
+                setattr(inst, k, v)
+
+
+class WeightsOnlyContext(_Context):
+    """The ctx of a weights_only load: torch's allowlist, read once per load."""
+
+    permissive = False
+    settable_mappings = (OrderedDict, Counter)
+
+    def __init__(self, storages: Storages, encoding: str):
+        super().__init__(storages, encoding)
         self._allowed = _wo._get_allowed_globals()
         self._user = _wo._get_user_allowed_globals()
         self._allowed_values = list(self._allowed.values()) + list(self._user.values())

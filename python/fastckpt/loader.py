@@ -13,7 +13,7 @@ import torch
 from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native
-from fastckpt._unpickle import Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
+from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
 from fastckpt.archive import open_archive, read_record
 from fastckpt.errors import LimitError, RecordError, UnpicklingError
 
@@ -188,6 +188,39 @@ def _byteorder(archive) -> bytes | None:
     return None  # NATIVE: no swap
 
 
+def _unpickle_natively(data_pickle: bytes, ctx, archive, source):
+    """The native machine; storages are made natively from `source`, or by ctx.persistent_load without one."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a load makes many objects; collections while it runs would cost ~15% of it
+    try:
+        if source is None:
+            return _native.unpickle(data_pickle, ctx)
+        return _native.unpickle(data_pickle, ctx, archive, source.bytes, source.eager_names, source.eager_offsets)
+    except UnpicklingError as e:
+        if isinstance(ctx, WeightsOnlyContext):
+            raise type(e)(_weights_only_message(str(e))) from None
+        raise
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> bool:
+    """Whether a weights_only=False load can run on the native machine with pickle's semantics.
+
+    Only for the stdlib pickle module with no option but `encoding`, and pickles of protocol 2 or
+    more (torch.save's): Python 3's pickler writes none of the opcodes the machine refuses (INST,
+    OBJ, PERSID) at those protocols; EXT1/2/4 would need copyreg extensions registered.
+    """
+    return (
+        pickle_module is pickle
+        and set(pickle_load_args) <= {"encoding"}
+        and len(data_pickle) >= 2
+        and data_pickle[0] == pickle.PROTO[0]
+        and data_pickle[1] >= 2
+    )
+
+
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
     _check_version(archive)
     pickle_info = archive.record("data.pkl")
@@ -219,25 +252,17 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
     try:
         if weights_only:
             ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
-            native = storages.native and source is not None
-            gc_was_enabled = gc.isenabled()
-            gc.disable()  # the load makes many objects and no cycles; collections would cost ~15%
-            try:
-                result = _native.unpickle(
-                    data_pickle, ctx,
-                    archive if native else None,
-                    source.bytes if native else None,
-                    source.eager_names if native else [],
-                    source.eager_offsets if native else [],
-                )
-            except UnpicklingError as e:
-                raise type(e)(_weights_only_message(str(e))) from None
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
+        elif storages.native and _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
+            # The stdlib pickle's semantics (any global, any callable) on the native machine, so
+            # storages and tensors are made as fast as with weights_only.
+            ctx = FullContext(storages, pickle_load_args["encoding"], protocol=data_pickle[1])
         else:
+            ctx = None
+        if ctx is None:
             unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
             result = unpickler.load()
+        else:
+            result = _unpickle_natively(data_pickle, ctx, archive, source if storages.native else None)
         if source is not None:
             source.finish()
     finally:
