@@ -85,8 +85,11 @@ class PickleMachine {
     p_ = data;
     begin_ = data;
     end_ = data + size;
+    opcode_at_ = data;
     stack_.clear();
     marks_.clear();
+    dense_.clear();
+    sparse_.clear();
     // torch.save memoizes about one value per 10 pickle bytes; reserving up
     // front avoids re-copying a large memo as it grows.
     dense_.reserve(static_cast<size_t>(std::min<uint64_t>(size / 16, limits_.max_memo)));
@@ -214,7 +217,7 @@ class PickleMachine {
         }
         case op::APPENDS: {
           size_t at = pop_mark();
-          if (at == 0) error("APPENDS without a list");
+          if (at <= mark_floor()) error("APPENDS without a list");
           b_.list_extend(stack_[at - 1], stack_.data() + at, stack_.size() - at);
           stack_.resize(at);
           check_depth(stack_.back());
@@ -238,7 +241,7 @@ class PickleMachine {
         }
         case op::SETITEMS: {
           size_t at = pop_mark();
-          if (at == 0) error("SETITEMS without a dict");
+          if (at <= mark_floor()) error("SETITEMS without a dict");
           if ((stack_.size() - at) % 2 != 0) error("SETITEMS with an odd number of items");
           b_.dict_set(stack_[at - 1], stack_.data() + at, (stack_.size() - at) / 2);
           stack_.resize(at);
@@ -248,7 +251,7 @@ class PickleMachine {
         case op::EMPTY_SET: push(b_.empty_set()); break;
         case op::ADDITEMS: {
           size_t at = pop_mark();
-          if (at == 0) error("ADDITEMS without a set");
+          if (at <= mark_floor()) error("ADDITEMS without a set");
           b_.set_add(stack_[at - 1], stack_.data() + at, stack_.size() - at);
           stack_.resize(at);
           check_depth(stack_.back());
@@ -396,9 +399,10 @@ class PickleMachine {
     return b_.big_integer(q, n);
   }
 
+  // Values below the innermost open MARK belong to an enclosing opcode.
+  size_t mark_floor() const { return marks_.empty() ? 0 : marks_.back(); }
   void need(size_t n) const {
-    size_t floor = marks_.empty() ? 0 : marks_.back();
-    if (stack_.size() < floor + n) error("stack underflow");
+    if (stack_.size() < mark_floor() + n) error("stack underflow");
   }
   void push(Value&& v) {
     if (stack_.size() >= limits_.max_stack) limit("more than " + std::to_string(limits_.max_stack) + " values on the stack");
@@ -435,6 +439,7 @@ class PickleMachine {
     if (memo_count() >= limits_.max_memo) limit("more than " + std::to_string(limits_.max_memo) + " memo entries");
     // torch.save numbers memo entries 0, 1, 2...: keep those in a vector.
     if (index == dense_.size()) {
+      sparse_.erase(index);  // an older entry at this index would be counted twice
       dense_.push_back(stack_.back());
     } else {
       sparse_.insert_or_assign(index, stack_.back());

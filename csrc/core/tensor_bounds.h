@@ -22,10 +22,10 @@ inline uint64_t tensor_numel(const std::vector<int64_t>& size) {
 }
 
 inline bool is_contiguous(const std::vector<int64_t>& size, const std::vector<int64_t>& stride) {
-  int64_t expected = 1;
+  uint64_t expected = 1;  // unsigned: an empty tensor's other sizes may overflow the product
   for (size_t i = size.size(); i-- > 0;) {
-    if (size[i] != 1 && stride[i] != expected) return false;
-    expected *= size[i];
+    if (size[i] != 1 && static_cast<uint64_t>(stride[i]) != expected) return false;
+    expected *= static_cast<uint64_t>(size[i]);
   }
   return true;
 }

@@ -143,6 +143,16 @@ class Storages:
         return typed
 
 
+def _torch_class_mapping(module, name):
+    """What torch.load's find_class does before pickle's: (StorageType for a legacy storage name, module)."""
+    if type(name) is str and "Storage" in name:
+        try:
+            return StorageType(name), module
+        except KeyError:
+            pass
+    return None, {"torch.tensor": "torch._tensor"}.get(module, module)
+
+
 class _Context:
     """What every ctx gives the native builder: storages, dtype facts, the rebuild functions it makes natively."""
 
@@ -172,12 +182,9 @@ class FullContext(_Context):
 
     def resolve_global(self, module: str, name: str):
         # torch's UnpicklerWrapper.find_class, then pickle.Unpickler.find_class
-        if "Storage" in name:
-            try:
-                return StorageType(name)
-            except KeyError:
-                pass
-        module = {"torch.tensor": "torch._tensor"}.get(module, module)
+        storage_type, module = _torch_class_mapping(module, name)
+        if storage_type is not None:
+            return storage_type
         sys.audit("pickle.find_class", module, name)
         if self._protocol < 3:  # pickle.Unpickler's fix_imports=True
             if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -301,13 +308,8 @@ def make_full_unpickler(pickle_module, data_file, storages: Storages, **pickle_l
 
     class UnpicklerWrapper(pickle_module.Unpickler):  # type: ignore[name-defined]
         def find_class(self, mod_name, name):
-            if type(name) is str and "Storage" in name:
-                try:
-                    return StorageType(name)
-                except KeyError:
-                    pass
-            mod_name = {"torch.tensor": "torch._tensor"}.get(mod_name, mod_name)
-            return super().find_class(mod_name, name)
+            storage_type, mod_name = _torch_class_mapping(mod_name, name)
+            return storage_type if storage_type is not None else super().find_class(mod_name, name)
 
     unpickler = UnpicklerWrapper(data_file, **pickle_load_args)
     unpickler.persistent_load = storages.persistent_load

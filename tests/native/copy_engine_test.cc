@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "core/copy_engine.h"
 #include "core/crc32.h"
 #include "core/errors.h"
@@ -20,15 +21,6 @@
 
 namespace {
 
-int failures = 0;
-
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 using fastckpt::CopyResult;
 using fastckpt::CopyTask;
@@ -112,7 +104,7 @@ void check_cases(const MappedFile& file, const std::vector<uint8_t>& bytes,
       std::fprintf(stderr, "%s, %u threads: task %zu (offset %llu, length %llu, copy %d, crc %d) wrong\n",
                    what, threads, i, static_cast<unsigned long long>(c.offset),
                    static_cast<unsigned long long>(c.length), c.copy, c.crc);
-      ++failures;
+      ++native_test::failures;
       return;
     }
   }
@@ -219,8 +211,8 @@ int main() {
     test_bounds(*anon);
   }
   test_truncated_file();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
+  if (native_test::failures != 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", native_test::failures);
     return 1;
   }
   std::printf("copy_engine_test: all passed\n");

@@ -14,19 +14,11 @@
 #include <thread>
 #include <vector>
 
+#include "check.h"
 #include "core/crc32.h"
 
 namespace {
 
-int failures = 0;
-
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
 
 // Straight from the definition, one bit at a time.
 uint32_t reference_crc(uint32_t crc, const uint8_t* p, size_t n) {
@@ -116,7 +108,7 @@ void test_every_length_and_alignment() {
       const uint32_t seed = static_cast<uint32_t>(n * 2654435761u + align);
       if (fastckpt::crc32(seed, data.data() + align, n) != table.crc(seed, data.data() + align, n)) {
         std::fprintf(stderr, "mismatch: align %zu length %zu\n", align, n);
-        ++failures;
+        ++native_test::failures;
         return;
       }
     }
@@ -207,17 +199,17 @@ int main() {
       if (std::strcmp(fastckpt::crc32_implementation(), name) != 0) _exit(77);  // not on this CPU
       run_all();
       std::fflush(nullptr);
-      _exit(failures == 0 ? 0 : 1);
+      _exit(native_test::failures == 0 ? 0 : 1);
     }
     int status = 0;
     if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) {
       std::fprintf(stderr, "%s: child crashed\n", name);
-      ++failures;
+      ++native_test::failures;
       continue;
     }
     const int code = WEXITSTATUS(status);
     std::printf("%-11s %s\n", name, code == 77 ? "not supported here" : code == 0 ? "ok" : "FAILED");
-    if (code != 0 && code != 77) ++failures;
+    if (code != 0 && code != 77) ++native_test::failures;
     if (code == 0) tested.push_back(name);
   }
   // Unknown names fall back to the best implementation.
@@ -226,8 +218,8 @@ int main() {
   bool covered = false;  // the default is one of the implementations tested above
   for (const std::string& name : tested) covered = covered || chosen == name;
   CHECK(covered);
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
+  if (native_test::failures != 0) {
+    std::fprintf(stderr, "%d check(s) failed\n", native_test::failures);
     return 1;
   }
   std::printf("crc32_test: all passed (default: %s)\n", chosen.c_str());
