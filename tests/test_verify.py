@@ -46,6 +46,16 @@ def test_crc_mismatch_is_reported_not_raised(small_ckpt):
     assert archive.read("data/1", check_crc=False)  # the bytes are still reachable on request
 
 
+def test_verify_reads_the_file_not_the_private_mapping(small_ckpt):
+    """Bytes written through a view are private to the process: verifying checks the file."""
+    archive = fastckpt.open_archive(small_ckpt)
+    name = next(n for n in archive.names() if n.startswith("data/"))
+    view = memoryview(archive.view(name))
+    view[0] ^= 0xFF
+    assert all(r["status"] == "ok" for r in archive.verify(None, 0))
+    assert all(r["status"] == "ok" for r in archive.verify([name], 1))
+
+
 def test_malformed_file_raises(small_ckpt):
     small_ckpt.write_bytes(small_ckpt.read_bytes() + b"junk")
     with pytest.raises(fastckpt.FormatError, match="trailing bytes"):

@@ -90,7 +90,7 @@ Plan make_plan(const MappedFile& file, const std::vector<CopyTask>& tasks) {
     }
 
     // A small task: join the open batch while the batch stays bounded.
-    const bool reads = use_pread && t.destination != nullptr;
+    const bool reads = use_pread;  // copies and verify-only tasks both read the file
     const uint64_t end = t.source_offset + t.length;  // inside the file: checked by the caller
     if (batch_open) {
       const Unit& u = plan.units.back();
@@ -152,10 +152,15 @@ class Runner {
         const Unit& unit = plan_.units[u];
         if (unit.chunk) {
           const CopyTask& t = tasks_[unit.first_task];
-          chunk_crc_[u] = t.destination == nullptr
-                              ? crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
-                                      static_cast<size_t>(unit.chunk_length))
-                              : copy(t, unit.chunk_offset, unit.chunk_length);
+          if (t.destination != nullptr) {
+            chunk_crc_[u] = copy(t, unit.chunk_offset, unit.chunk_length);
+          } else if (file_.fd() >= 0) {
+            if (!scratch) scratch.reset(new uint8_t[kSpanBytes]);
+            chunk_crc_[u] = crc_of_file(t.source_offset + unit.chunk_offset, unit.chunk_length, scratch.get());
+          } else {
+            chunk_crc_[u] = crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
+                                  static_cast<size_t>(unit.chunk_length));
+          }
         } else {
           if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
           run_batch(unit, scratch.get());
@@ -191,8 +196,10 @@ class Runner {
       if (!has_work(t)) continue;
       const auto n = static_cast<size_t>(t.length);
       if (t.destination == nullptr) {
-        // Verify only: CRC straight from the mapping.
-        results_[i].crc32 = crc32(0, file_.data() + t.source_offset, n);
+        // Verify only: CRC of the file's bytes (read into the span), or of
+        // the buffer's.
+        results_[i].crc32 = crc32(0, span > 0 ? scratch + (t.source_offset - unit.span_begin)
+                                              : file_.data() + t.source_offset, n);
         continue;
       }
       // SAFETY: the task's source range was checked against the file; with a
@@ -203,6 +210,20 @@ class Runner {
       std::memcpy(t.destination, src, n);
       if (t.compute_crc) results_[i].crc32 = crc32(0, t.destination, n);
     }
+  }
+
+  // CRC of [offset, offset + length) of the file, read through `scratch` in
+  // steps: verifying reads the file itself (not pages a caller may have
+  // written through the private mapping) and maps nothing into the process.
+  uint32_t crc_of_file(uint64_t offset, uint64_t length, uint8_t* scratch) {
+    uint32_t crc = 0;
+    for (uint64_t done = 0; done < length; done += kStepBytes) {
+      const uint64_t n = std::min(kStepBytes, length - done);
+      // SAFETY: the range was checked against the file; n <= kStepBytes <= kSpanBytes.
+      pread_full(file_, scratch, n, offset + done);
+      crc = crc32(crc, scratch, static_cast<size_t>(n));
+    }
+    return crc;
   }
 
   // Copies [offset, offset + length) of a task in steps, the CRC of each
