@@ -155,6 +155,7 @@ ByteView Archive::stored_view(const ZipRecord& r) const {
                                 ") and cannot be viewed in place");
   if (r.compressed_size != r.size || !range_within(r.data_offset, r.size, file->size()))
     fail(ErrorKind::Record, where(r) + " does not lie within the file");
+  // SAFETY: data_offset + size was checked against the mapping's size above.
   return {file, file->mutable_data() + r.data_offset, static_cast<size_t>(r.size)};
 }
 
@@ -173,13 +174,12 @@ void register_archive(py::module_& m) {
   py::class_<ByteView>(m, "ByteView", py::buffer_protocol(),
                        "Writable 1-D bytes that keep their archive's memory alive.")
       .def_buffer([](ByteView& v) {
+        // SAFETY: [data, data+size) lies inside v.owner's memory (checked where
+        // the view was made), and the exporting ByteView keeps it mapped.
         return py::buffer_info(v.data, 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(v.size)}, {1}, /*readonly=*/false);
       })
-      .def("__len__", [](const ByteView& v) { return v.size; })
-      .def_property_readonly("address", [](const ByteView& v) {
-        return reinterpret_cast<uintptr_t>(v.data);
-      });
+      .def("__len__", [](const ByteView& v) { return v.size; });
 
   m.def(
       "allocate", [](size_t size) {
@@ -278,6 +278,7 @@ void register_archive(py::module_& m) {
             const ZipRecord& r = a.record(name);
             if (!range_within(r.data_offset, r.compressed_size, a.file->size()))
               fail(ErrorKind::Record, where(r) + " does not lie within the file");
+            // SAFETY: the range was checked against the mapping just above.
             return ByteView{a.file, a.file->mutable_data() + r.data_offset,
                             static_cast<size_t>(r.compressed_size)};
           },
@@ -350,17 +351,8 @@ void register_archive(py::module_& m) {
             return out;
           },
           py::arg("names") = py::none(), py::arg("threads") = 0,
-          "CRC-32 of records in parallel (GIL released); a dict per record with a status.")
-      .def(
-          "advise",
-          [](const Archive& a, const std::string& advice) {
-            Advice adv = advice == "sequential" ? Advice::Sequential
-                         : advice == "random"   ? Advice::Random
-                         : advice == "willneed" ? Advice::WillNeed
-                                                : Advice::Normal;
-            a.file->advise(adv);
-          },
-          py::arg("advice"), "madvise the whole mapping: normal, sequential, random or willneed.");
+          "CRC-32 of records in parallel (GIL released); a dict per record with a status.");
+
 }
 
 }  // namespace fastckpt::bindings

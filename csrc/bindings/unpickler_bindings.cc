@@ -668,6 +668,10 @@ class PyBuilder {
       // The common case: the first tensor over its storage covers it whole.
       // One torch call makes both, over the bytes in place, shaped.
       contiguous_strides(size, contiguous_);
+      // SAFETY: the slot's [source_offset, +nbytes) was checked against the
+      // source bytes when the slot was made, and the tensor (numel * itemsize
+      // == nbytes, contiguous from offset 0) covers exactly that range; the
+      // capsule holds the owner until torch frees the tensor.
       py::capsule capsule = dlpack_capsule(source_->bytes.owner, source_->bytes.data + slot.source_offset, *dl, size,
                                            contiguous_);
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));

@@ -3,7 +3,6 @@
 from fastckpt._core import (  # noqa: F401  (re-exported)
     Archive,
     ByteView,
-    ReadJob,
     allocate,
     crc32,
     crc32_combine,

@@ -161,7 +161,6 @@ class _Context:
     rebuild_qtensor = staticmethod(torch._utils._rebuild_qtensor)
 
     def __init__(self, storages: Storages, encoding: str):
-        self.storages = storages
         self.encoding = encoding
         self.fast_location = storages.fast_location
         self.storage_dtype = storages.storage_dtype
@@ -174,7 +173,6 @@ class FullContext(_Context):
     """weights_only=False with the stdlib pickle module: pickle's own semantics, torch's class mapping."""
 
     permissive = True
-    settable_mappings = ()
 
     def __init__(self, storages: Storages, encoding: str, protocol: int):
         super().__init__(storages, encoding)
