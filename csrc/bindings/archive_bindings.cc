@@ -52,73 +52,6 @@ std::vector<CopyResult> copies_without_gil(const Archive& a, const std::vector<C
   return run_copies(*a.file, tasks, threads);
 }
 
-// The eager read of many records into one arena, running on a background
-// thread so the caller can unpickle meanwhile. wait() rethrows its failure.
-class ReadJob {
- public:
-  ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
-          unsigned threads)
-      : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc) {
-    uint64_t total = 0;
-    offsets_.reserve(records_.size());
-    for (const ZipRecord* r : records_) {
-      archive_->stored_view(*r);  // validates method and bounds before sizing anything
-      total = (total + 63) & ~uint64_t{63};  // 64-byte aligned, like torch's allocator
-      offsets_.push_back(total);
-      if (!checked_add(total, r->size, &total)) fail(ErrorKind::Limit, "records too large");
-    }
-    // Bounded by the file: every record lies inside it (checked above) and
-    // records do not overlap, so total <= file size + 64 per record.
-    arena_ = MappedFile::anonymous(static_cast<size_t>(total));
-    arena_->advise(Advice::HugePage);
-    std::vector<CopyTask> tasks;
-    tasks.reserve(records_.size());
-    for (size_t i = 0; i < records_.size(); ++i)
-      tasks.push_back({records_[i]->data_offset, records_[i]->size,
-                       arena_->mutable_data() + offsets_[i], check_crc_});
-    worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
-      try {
-        results_ = run_copies(*archive_->file, tasks, threads);
-      } catch (...) {
-        error_ = std::current_exception();
-      }
-    });
-  }
-  ~ReadJob() {
-    if (worker_.joinable()) {
-      py::gil_scoped_release release;
-      worker_.join();
-    }
-  }
-
-  ByteView buffer() const { return {arena_, arena_->mutable_data(), arena_->size()}; }
-  const std::vector<uint64_t>& offsets() const { return offsets_; }
-
-  // Waits for the copies (GIL released), then raises IntegrityError for the
-  // first record whose CRC does not match.
-  void wait() {
-    if (worker_.joinable()) {
-      py::gil_scoped_release release;
-      worker_.join();
-    }
-    if (error_) std::rethrow_exception(error_);
-    if (!check_crc_) return;
-    for (size_t i = 0; i < records_.size(); ++i)
-      if (judge(*records_[i], results_[i].crc32) == CrcStatus::Mismatch)
-        crc_failure(*records_[i], results_[i].crc32);
-  }
-
- private:
-  std::shared_ptr<Archive> archive_;
-  std::vector<const ZipRecord*> records_;
-  bool check_crc_;
-  std::vector<uint64_t> offsets_;
-  std::shared_ptr<MappedFile> arena_;
-  std::vector<CopyResult> results_;
-  std::exception_ptr error_;
-  std::thread worker_;
-};
-
 // Sets OSError(code, strerror, filename): Python picks the subclass
 // (FileNotFoundError, IsADirectoryError...) from the code. Requires the GIL.
 [[noreturn]] void raise_os_error(int code, const std::string& filename) {
@@ -142,6 +75,52 @@ py::dict record_dict(const ZipRecord& r) {
 }
 
 }  // namespace
+
+ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
+                 unsigned threads)
+    : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc) {
+  uint64_t total = 0;
+  offsets_.reserve(records_.size());
+  for (const ZipRecord* r : records_) {
+    archive_->stored_view(*r);  // validates method and bounds before sizing anything
+    total = (total + 63) & ~uint64_t{63};  // 64-byte aligned, like torch's allocator
+    offsets_.push_back(total);
+    if (!checked_add(total, r->size, &total)) fail(ErrorKind::Limit, "records too large");
+  }
+  // Bounded by the file: every record lies inside it (checked above) and
+  // records do not overlap, so total <= file size + 64 per record.
+  arena_ = MappedFile::anonymous(static_cast<size_t>(total));
+  arena_->advise(Advice::HugePage);
+  std::vector<CopyTask> tasks;
+  tasks.reserve(records_.size());
+  for (size_t i = 0; i < records_.size(); ++i)
+    tasks.push_back({records_[i]->data_offset, records_[i]->size, arena_->mutable_data() + offsets_[i], check_crc_});
+  worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
+    try {
+      results_ = run_copies(*archive_->file, tasks, threads);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+  });
+}
+
+ReadJob::~ReadJob() {
+  if (worker_.joinable()) {
+    py::gil_scoped_release release;
+    worker_.join();
+  }
+}
+
+void ReadJob::wait() {
+  if (worker_.joinable()) {
+    py::gil_scoped_release release;
+    worker_.join();
+  }
+  if (error_) std::rethrow_exception(error_);
+  if (!check_crc_) return;
+  for (size_t i = 0; i < records_.size(); ++i)
+    if (judge(*records_[i], results_[i].crc32) == CrcStatus::Mismatch) crc_failure(*records_[i], results_[i].crc32);
+}
 
 const ZipRecord& Archive::record(const std::string& name) const {
   const ZipRecord* r = index.find(name);
@@ -242,12 +221,17 @@ void register_archive(py::module_& m) {
              for (const ZipRecord& r : a.index.records()) out.append(record_dict(r));
              return out;
            })
-      .def("names",
-           [](const Archive& a) {
-             py::list out;
-             for (const ZipRecord& r : a.index.records()) out.append(py::str(r.name));
-             return out;
-           })
+      .def(
+          "names",
+          [](const Archive& a, const std::string& prefix, std::optional<uint16_t> method) {
+            py::list out;
+            for (const ZipRecord& r : a.index.records())
+              if (r.name.compare(0, prefix.size(), prefix) == 0 && (!method || r.method == *method))
+                out.append(py::str(r.name));
+            return out;
+          },
+          py::arg("prefix") = "", py::arg("method") = py::none(),
+          "Record names in archive order, optionally only those starting with `prefix` / of one method.")
       .def("__contains__", [](const Archive& a, const std::string& name) {
         return a.index.find(name) != nullptr;
       })

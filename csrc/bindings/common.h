@@ -4,10 +4,13 @@
 
 #include <pybind11/pybind11.h>
 
+#include <exception>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
+#include "core/copy_engine.h"
 #include "core/mapped_file.h"
 #include "core/zip_index.h"
 
@@ -45,6 +48,35 @@ struct Archive {
   // The data of a stored record, checked to lie within the file and to have
   // compressed_size == size; throws RecordError otherwise.
   ByteView stored_view(const ZipRecord& record) const;
+};
+
+// The eager read of many records into one arena, running on a background
+// thread so the caller can unpickle meanwhile. wait() rethrows its failure.
+class ReadJob {
+ public:
+  ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
+          unsigned threads);
+  ~ReadJob();  // joins the reader (GIL released)
+  ReadJob(const ReadJob&) = delete;
+  ReadJob& operator=(const ReadJob&) = delete;
+
+  ByteView buffer() const { return {arena_, arena_->mutable_data(), arena_->size()}; }
+  const std::vector<const ZipRecord*>& records() const { return records_; }
+  const std::vector<uint64_t>& offsets() const { return offsets_; }  // of records() in buffer()
+
+  // Waits for the copies (GIL released), then raises IntegrityError for the
+  // first record whose CRC does not match. Requires the GIL.
+  void wait();
+
+ private:
+  std::shared_ptr<Archive> archive_;
+  std::vector<const ZipRecord*> records_;
+  bool check_crc_;
+  std::vector<uint64_t> offsets_;
+  std::shared_ptr<MappedFile> arena_;
+  std::vector<CopyResult> results_;
+  std::exception_ptr error_;
+  std::thread worker_;
 };
 
 void register_archive(py::module_& m);

@@ -736,7 +736,7 @@ void register_unpickler(py::module_& m) {
   m.def(
       "unpickle",
       [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, py::object source,
-         std::vector<std::string> eager_names, std::vector<uint64_t> eager_offsets) {
+         const ReadJob* eager) {
         BorrowedBuffer data(pickle, /*writable=*/false);
         std::optional<StorageSource> storage_source;
         if (archive) {
@@ -745,9 +745,11 @@ void register_unpickler(py::module_& m) {
           s.bytes = source.cast<ByteView>();
           s.buffer = py::reinterpret_steal<py::object>(PyMemoryView_FromObject(source.ptr()));
           if (!s.buffer) throw py::error_already_set();
-          if (eager_names.size() != eager_offsets.size()) throw py::value_error("eager names/offsets differ in length");
-          for (size_t i = 0; i < eager_names.size(); ++i)
-            s.arena_offsets.emplace(&archive->record(eager_names[i]), eager_offsets[i]);
+          if (eager != nullptr) {
+            s.arena_offsets.reserve(eager->records().size());
+            for (size_t i = 0; i < eager->records().size(); ++i)
+              s.arena_offsets.emplace(eager->records()[i], eager->offsets()[i]);
+          }
           storage_source = std::move(s);
         }
         PyBuilder builder(std::move(ctx), std::move(storage_source));
@@ -757,9 +759,9 @@ void register_unpickler(py::module_& m) {
         return builder.finish(result);
       },
       py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("source") = py::none(),
-      py::arg("eager_names") = std::vector<std::string>(), py::arg("eager_offsets") = std::vector<uint64_t>(),
+      py::arg("eager") = nullptr,
       "Run the restricted pickle machine over `pickle`. With `archive` and `source` (a ByteView of the "
-      "archive, or of an eager ReadJob's arena holding `eager_names` at `eager_offsets`), storages of CPU tensors are made "
+      "archive, or the buffer of the eager ReadJob `eager`), storages of CPU tensors are made "
       "natively; otherwise `ctx.persistent_load` makes them.");
 }
 

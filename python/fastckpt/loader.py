@@ -120,33 +120,25 @@ class _StorageSource:
         self.archive = archive
         self.job = None
         self._finished = False
-        self.eager_names: list[str] = []
-        self.eager_offsets: list[int] = []
-        self._inflated: dict[str, memoryview] = {}
+        self._arena_offset: dict[str, int] | None = None
+        # Deflated records (a re-zipped checkpoint): inflated under a cap, CRC-checked.
+        self.inflated = {
+            name: memoryview(bytearray(read_record(archive, name)))
+            for name in ([] if mmap else archive.names("data/", 8))
+        }
         if mmap:
             self.bytes = archive.whole()
-            self.buffer = memoryview(self.bytes)
-            return
-        stored = []
-        for name in archive.names():
-            if name.startswith("data/"):
-                if archive.record(name)["method"] == 0:
-                    stored.append(name)
-                else:  # a re-zipped checkpoint: inflated under a cap, CRC-checked
-                    self._inflated[name] = memoryview(bytearray(read_record(archive, name)))
-        self.job = archive.read_records_async(stored, True, threads)
-        self.bytes = self.job.buffer
+        else:
+            self.job = archive.read_records_async(archive.names("data/", 0), True, threads)
+            self.bytes = self.job.buffer
         self.buffer = memoryview(self.bytes)
-        self.eager_names = stored
-        self.eager_offsets = list(self.job.offsets)
-        self._arena_offset = dict(zip(stored, self.eager_offsets))
 
     def __call__(self, name: str, nbytes: int):
         record = self.archive.record(name)
         if record["size"] != nbytes:
             raise RecordError(f"record '{name}' holds {record['size']} bytes but its storage needs {nbytes}")
-        if name in self._inflated:
-            return _storage_from_buffer(self._inflated[name], 0, nbytes)
+        if name in self.inflated:
+            return _storage_from_buffer(self.inflated[name], 0, nbytes)
         if self.job is None:
             if record["method"] != 0:
                 raise RecordError(f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)")
@@ -154,6 +146,8 @@ class _StorageSource:
         # Whoever asked (a byte swap, a device copy, a map_location callable)
         # reads the bytes now: the parallel read must have finished.
         self.finish()
+        if self._arena_offset is None:
+            self._arena_offset = dict(zip(self.archive.names("data/", 0), self.job.offsets))
         return _storage_from_buffer(self.buffer, self._arena_offset[name], nbytes)
 
     def finish(self):
@@ -195,7 +189,7 @@ def _unpickle_natively(data_pickle: bytes, ctx, archive, source):
     try:
         if source is None:
             return _native.unpickle(data_pickle, ctx)
-        return _native.unpickle(data_pickle, ctx, archive, source.bytes, source.eager_names, source.eager_offsets)
+        return _native.unpickle(data_pickle, ctx, archive, source.bytes, source.job)
     except UnpicklingError as e:
         if isinstance(ctx, WeightsOnlyContext):
             raise type(e)(_weights_only_message(str(e))) from None
@@ -252,7 +246,7 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
     try:
         if weights_only:
             ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
-        elif storages.native and _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
+        elif storages.native and not source.inflated and _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
             # The stdlib pickle's semantics (any global, any callable) on the native machine, so
             # storages and tensors are made as fast as with weights_only.
             ctx = FullContext(storages, pickle_load_args["encoding"], protocol=data_pickle[1])
@@ -262,7 +256,8 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
             unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
             result = unpickler.load()
         else:
-            result = _unpickle_natively(data_pickle, ctx, archive, source if storages.native else None)
+            native_storages = storages.native and not source.inflated
+            result = _unpickle_natively(data_pickle, ctx, archive, source if native_storages else None)
         if source is not None:
             source.finish()
     finally:
