@@ -90,7 +90,6 @@ ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*>
   // Bounded by the file: every record lies inside it (checked above) and
   // records do not overlap, so total <= file size + 64 per record.
   arena_ = MappedFile::anonymous(static_cast<size_t>(total));
-  arena_->advise(Advice::HugePage);
   std::vector<CopyTask> tasks;
   tasks.reserve(records_.size());
   for (size_t i = 0; i < records_.size(); ++i)

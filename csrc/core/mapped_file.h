@@ -10,7 +10,7 @@
 
 namespace fastckpt {
 
-enum class Advice { Normal, Sequential, Random, WillNeed, DontNeed, HugePage };
+enum class Advice { Normal, Sequential, Random, WillNeed, DontNeed };
 
 class MappedFile {
  public:
