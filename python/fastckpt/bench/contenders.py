@@ -34,12 +34,12 @@ def _torch_load(weights_only: bool, mmap: bool):
     return make
 
 
-def _fastckpt_load(mmap: bool):
+def _fastckpt_load(weights_only: bool, mmap: bool):
     def make(path: str, device: str):
         import fastckpt
 
         location = None if device == "cpu" else device
-        return lambda: fastckpt.load(path, map_location=location, weights_only=True, mmap=mmap)
+        return lambda: fastckpt.load(path, map_location=location, weights_only=weights_only, mmap=mmap)
 
     return make
 
@@ -85,10 +85,12 @@ CONTENDERS = {
                   ("safetensors.torch", None)),
         Contender("st-open", "safetensors safe_open", "safetensors", "safetensors", True, _safetensors_open,
                   ("safetensors", None)),
-        Contender("fastckpt", "fastckpt.load mmap=F", "fastckpt", "pt", False, _fastckpt_load(False),
+        Contender("fastckpt", "fastckpt.load mmap=F", "fastckpt", "pt", False, _fastckpt_load(True, False),
                   ("fastckpt", "load")),
-        Contender("fastckpt-mmap", "fastckpt.load mmap=T", "fastckpt", "pt", True, _fastckpt_load(True),
+        Contender("fastckpt-mmap", "fastckpt.load mmap=T", "fastckpt", "pt", True, _fastckpt_load(True, True),
                   ("fastckpt", "load")),
+        Contender("fastckpt-pickle", "fastckpt.load wo=F mmap=F", "fastckpt", "pt", False,
+                  _fastckpt_load(False, False), ("fastckpt", "load")),
     )
 }
 BASELINE = "torch"  # every contender's time is also shown relative to the default torch.load
