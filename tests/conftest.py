@@ -1,4 +1,4 @@
-"""Shared fixtures: small checkpoints written by torch.save."""
+"""Shared fixtures: small checkpoints written by torch.save, and a spy on fastckpt's load."""
 
 import collections
 
@@ -26,3 +26,18 @@ def small_ckpt(tmp_path, small_state):
     path = tmp_path / "small.pt"
     torch.save(small_state, path)
     return path
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """Record every call that reaches fastckpt's load (also when it comes through a patched torch.load)."""
+    from parity import loader_module
+
+    real, calls = loader_module.load, []
+
+    def load(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "load", load)
+    return calls

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity import loader_module, save_bytes
+from parity import save_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,7 +14,7 @@ import fastckpt  # noqa: E402
 pytestmark = pytest.mark.client
 
 
-def test_from_pretrained_bin_under_patch(tmp_path, monkeypatch):
+def test_from_pretrained_bin_under_patch(tmp_path, load_calls):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -25,21 +25,13 @@ def test_from_pretrained_bin_under_patch(tmp_path, monkeypatch):
     config.save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(save_bytes(model.state_dict()))
 
-    module = loader_module
-    real, calls = module.load, []
-
-    def spy(*args, **kwargs):
-        calls.append((args, kwargs))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "load", spy)
     fastckpt.patch()
     try:
         loaded = BertModel.from_pretrained(tmp_path).eval()
     finally:
         fastckpt.unpatch()
-    assert calls, "from_pretrained did not go through fastckpt's load"
-    assert any(str(a[0]).endswith("pytorch_model.bin") for a, _ in calls)
+    assert load_calls, "from_pretrained did not go through fastckpt's load"
+    assert any(str(a[0]).endswith("pytorch_model.bin") for a, _ in load_calls)
     expected, got = model.state_dict(), loaded.state_dict()
     assert list(got) == list(expected)
     for name in expected:

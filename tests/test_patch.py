@@ -27,20 +27,6 @@ def restore_torch_load():
     torch.load = torch.serialization.load = ORIGINAL
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Record every call that reaches fastckpt's load."""
-    module = loader_module
-    real, calls = module.load, []
-
-    def load(*args, **kwargs):
-        calls.append((args, kwargs))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "load", load)
-    return calls
-
-
 def test_exported():
     for _ in range(2):  # stays the function on every lookup
         assert fastckpt.patch is fpatch.patch and fastckpt.unpatch is fpatch.unpatch
@@ -91,25 +77,25 @@ def test_unpatch_leaves_foreign_replacement_alone():
     assert torch.load is other and torch.serialization.load is ORIGINAL
 
 
-def test_patched_load_calls_fastckpt(spy, tmp_path):
+def test_patched_load_calls_fastckpt(load_calls, tmp_path):
     p = tmp_path / "w.pt"
     p.write_bytes(save_bytes({"w": torch.arange(6.0).view(2, 3)}))
     with fastckpt.patched():
         got = torch.load(p, map_location="cpu", weights_only=True)
         got2 = torch.serialization.load(p, mmap=True)
-    assert len(spy) == 2 and spy[0][1] == {"map_location": "cpu", "weights_only": True}
+    assert len(load_calls) == 2 and load_calls[0][1] == {"map_location": "cpu", "weights_only": True}
     ref = ORIGINAL(p, map_location="cpu", weights_only=True)
     assert_same(got, ref)
     assert_same(got2, ref)
 
 
-def test_delegation_does_not_recurse(spy, tmp_path):
+def test_delegation_does_not_recurse(load_calls, tmp_path):
     """A legacy file goes fastckpt -> torch; with torch.load patched that must not loop back."""
     p = tmp_path / "legacy.pt"
     p.write_bytes(save_bytes({"w": torch.ones(3)}, _use_new_zipfile_serialization=False))
     with fastckpt.patched():
         got = torch.load(p)
-    assert len(spy) == 1
+    assert len(load_calls) == 1
     assert_same(got, ORIGINAL(p))
 
 
@@ -134,14 +120,14 @@ def _resume(path):
     return model, opt
 
 
-def test_module_and_optimizer_load_state_dict(spy, tmp_path):
+def test_module_and_optimizer_load_state_dict(load_calls, tmp_path):
     model, opt = _model_and_optimizer(0)
     _train_step(model, opt, 0)
     p = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, p)
     with fastckpt.patched():
         got = _resume(p)
-    assert len(spy) == 1
+    assert len(load_calls) == 1
     ref = _resume(p)
     for (m_got, o_got), (m_ref, o_ref) in ((got, ref), ((model, opt), ref)):
         for x, y in zip(m_got.state_dict().values(), m_ref.state_dict().values()):
