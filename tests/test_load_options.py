@@ -277,12 +277,15 @@ def test_reads_from_current_position(kind, data, tmp_path):
         assert_same_outcome(call(fc_load, f_got), ref)
 
 
-def test_mmap_default_from_torch_config(path, monkeypatch):
+def test_mmap_default_from_torch_config(path):
+    # Through torch's own config mechanism: pytest's monkeypatch undoes a setattr on
+    # torch's config proxy with delattr (pytest >= 9.2), deleting the option for the process.
     import torch.utils.serialization.config as config
 
-    monkeypatch.setattr(config.load, "mmap", True)
-    sd = fc_load(path)
+    with config.patch({"load.mmap": True}):
+        sd = fc_load(path)
     assert all(_in_file_mapping(t, path) for t in sd.values())
+    assert config.load.mmap is False  # the option is intact and restored
 
 
 # --------------------------------------------------------------------------- delegated formats
