@@ -78,7 +78,8 @@ py::dict record_dict(const ZipRecord& r) {
 
 ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
                  unsigned threads)
-    : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc) {
+    : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc),
+      done_(records_.size(), 0), crcs_(records_.size(), 0) {
   uint64_t total = 0;
   offsets_.reserve(records_.size());
   for (const ZipRecord* r : records_) {
@@ -95,11 +96,16 @@ ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*>
   for (size_t i = 0; i < records_.size(); ++i)
     tasks.push_back({records_[i]->data_offset, records_[i]->size, arena_->mutable_data() + offsets_[i], check_crc_});
   worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
+    std::exception_ptr error;
     try {
-      results_ = run_copies(*archive_->file, tasks, threads);
+      run_copies(*archive_->file, tasks, threads, [this](size_t i, uint32_t crc) { record_done(i, crc); });
     } catch (...) {
-      error_ = std::current_exception();
+      error = std::current_exception();
     }
+    std::lock_guard<std::mutex> lock(mutex_);
+    finished_ = true;
+    error_ = error;
+    changed_.notify_all();
   });
 }
 
@@ -110,15 +116,39 @@ ReadJob::~ReadJob() {
   }
 }
 
+void ReadJob::record_done(size_t i, uint32_t crc) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  done_[i] = 1;
+  crcs_[i] = crc;
+  changed_.notify_all();
+}
+
+void ReadJob::check(size_t i) const {
+  if (check_crc_ && judge(*records_[i], crcs_[i]) == CrcStatus::Mismatch) crc_failure(*records_[i], crcs_[i]);
+}
+
+void ReadJob::wait_record(size_t i) {
+  if (i >= records_.size()) throw std::out_of_range("ReadJob::wait_record");
+  {
+    py::gil_scoped_release release;
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return done_[i] != 0 || finished_; });
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!done_[i]) {
+    if (error_) std::rethrow_exception(error_);
+    fail(ErrorKind::Record, "record '" + records_[i]->name + "' was not read");
+  }
+  check(i);
+}
+
 void ReadJob::wait() {
   if (worker_.joinable()) {
     py::gil_scoped_release release;
     worker_.join();
   }
   if (error_) std::rethrow_exception(error_);
-  if (!check_crc_) return;
-  for (size_t i = 0; i < records_.size(); ++i)
-    if (judge(*records_[i], results_[i].crc32) == CrcStatus::Mismatch) crc_failure(*records_[i], results_[i].crc32);
+  for (size_t i = 0; i < records_.size(); ++i) check(i);
 }
 
 const ZipRecord& Archive::record(const std::string& name) const {

@@ -30,6 +30,7 @@ namespace {
 // source buffer, and the Python objects made for it so far.
 struct StorageSlot {
   uint64_t source_offset = 0;
+  size_t job_record = SIZE_MAX;  // eager loads: its record's index in the read job
   uint64_t nbytes = 0;
   py::object dtype;       // from the first persistent id naming this key
   uint32_t itemsize = 1;
@@ -62,11 +63,18 @@ class LazyRef {
   Lazy* node_ = nullptr;
 };
 
+// Which storage slots a value may reach, so that their bytes are waited for
+// before the value is handed to Python code: none, the slots made up to
+// slots_[n - 1] (storages, tensors and tuples of them), or every slot made so
+// far (lists, dicts, objects: they can still be filled after they are made).
+constexpr uint32_t kReachesAllSlots = UINT32_MAX;
+
 struct PyValue {
   py::object obj;              // null while the value is lazy
   LazyRef lazy;                // a storage slot, or a tuple holding one
   uint32_t depth = 0;          // container nesting, for the cap
   bool global = false;         // resolved by GLOBAL: may be called / instantiated
+  uint32_t slots = 0;          // slots it may reach (see kReachesAllSlots)
 };
 
 struct Lazy {
@@ -118,7 +126,8 @@ struct StorageSource {
   std::shared_ptr<Archive> archive;
   ByteView bytes;                                      // the mapping, or the eager arena
   py::object buffer;                                   // a memoryview of `bytes`
-  std::unordered_map<const ZipRecord*, uint64_t> arena_offsets;  // eager reads; empty: mmap
+  ReadJob* job = nullptr;                              // eager reads still arriving; null: mmap
+  std::unordered_map<const ZipRecord*, size_t> job_index;  // record -> its index in the job
 };
 
 class PyBuilder {
@@ -133,7 +142,6 @@ class PyBuilder {
     empty_ = torch.attr("empty");
     uint8_ = torch.attr("uint8");
     typed_storage_ = py::module_::import("torch.storage").attr("TypedStorage");
-    untyped_storage_cls_ = torch.attr("UntypedStorage");
     rebuild_v2_ = ctx_.attr("rebuild_tensor_v2");
     rebuild_v3_ = ctx_.attr("rebuild_tensor_v3");
     rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
@@ -144,6 +152,7 @@ class PyBuilder {
     unpickling_error_ = errors.attr("UnpicklingError");
     encoding_ = ctx_.attr("encoding").cast<std::string>();
     permissive_ = ctx_.attr("permissive").cast<bool>();
+    if (!permissive_) reduce_ = ctx_.attr("reduce");
     empty_shape_ = py::make_tuple(0);
     zero_ = py::int_(0);
     // Names used per tensor, made once: attribute lookups by C string would
@@ -225,10 +234,11 @@ class PyBuilder {
 
   // ---- containers --------------------------------------------------------
   Value tuple(Value* items, size_t n) {
-    uint32_t depth = 0;
+    uint32_t depth = 0, slots = 0;
     bool any_lazy = false;
     for (size_t i = 0; i < n; ++i) {
       depth = std::max(depth, items[i].depth);
+      slots = std::max(slots, items[i].slots);
       any_lazy |= items[i].obj.ptr() == nullptr;
     }
     if (any_lazy) {
@@ -241,24 +251,26 @@ class PyBuilder {
         if (item.lazy && item.lazy->slot == nullptr) node->nesting = std::max(node->nesting, item.lazy->nesting + 1);
         node->items.push_back(std::move(item));
       }
-      return Value{py::object(), std::move(node), depth + 1, false};
+      return Value{py::object(), std::move(node), depth + 1, false, slots};
     }
     PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
     if (t == nullptr) throw py::error_already_set();
     for (size_t i = 0; i < n; ++i) PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), items[i].obj.release().ptr());
-    return Value{steal(t), LazyRef(), depth + 1, false};
+    return Value{steal(t), LazyRef(), depth + 1, false, slots};
   }
   Value list(Value* items, size_t n) {
-    Value l{steal(PyList_New(0)), LazyRef(), 1, false};
+    Value l{steal(PyList_New(0)), LazyRef(), 1, false, kReachesAllSlots};
     list_extend(l, items, n);
     return l;
   }
   void list_extend(Value& list, Value* items, size_t n) {
     const bool exact = list.obj.ptr() != nullptr && PyList_CheckExact(list.obj.ptr());
     if (!exact && !permissive_) unsafe("can only append to lists, but got " + describe(list));
+    if (!exact) ready(list);  // its own append() runs
     for (size_t i = 0; i < n; ++i) {
       py::object item = materialize(items[i]);
       if (!exact) {
+        ready(items[i]);
         call_method(materialize(list), name_append_, {item.ptr()});
       } else if (PyList_Append(list.obj.ptr(), item.ptr()) != 0) {
         throw py::error_already_set();
@@ -267,7 +279,7 @@ class PyBuilder {
     }
   }
   Value dict(Value* kv, size_t pairs) {
-    Value d{steal(PyDict_New()), LazyRef(), 1, false};
+    Value d{steal(PyDict_New()), LazyRef(), 1, false, kReachesAllSlots};
     dict_set(d, kv, pairs);
     return d;
   }
@@ -276,21 +288,28 @@ class PyBuilder {
     const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
     if (!exact_dict && !permissive_ && !is_settable_mapping(target))
       unsafe("can only SETITEM for dict, collections.OrderedDict, collections.Counter, but got " + describe(d));
+    if (!exact_dict) ready(d);  // a mapping's own __setitem__ may run
     for (size_t i = 0; i < pairs; ++i) {
       PyObject* key = materialize(kv[2 * i]).ptr();
       PyObject* value = materialize(kv[2 * i + 1]).ptr();
+      if (!exact_dict) {
+        ready(kv[2 * i]);
+        ready(kv[2 * i + 1]);
+      }
       int rc = exact_dict ? PyDict_SetItem(target, key, value) : PyObject_SetItem(target, key, value);
       if (rc != 0) python_value_error("cannot set a dict item");
       d.depth = std::max(d.depth, std::max(kv[2 * i].depth, kv[2 * i + 1].depth) + 1);
     }
   }
-  Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false}; }
+  Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false, kReachesAllSlots}; }
   void set_add(Value& s, Value* items, size_t n) {
     const bool exact = s.obj.ptr() != nullptr && PySet_CheckExact(s.obj.ptr());
     if (!exact && !permissive_) unsafe("can only add items to sets, but got " + describe(s));
+    if (!exact) ready(s);
     for (size_t i = 0; i < n; ++i) {
       py::object item = materialize(items[i]);
       if (!exact) {
+        ready(items[i]);
         call_method(materialize(s), name_add_, {item.ptr()});
       } else if (PySet_Add(s.obj.ptr(), item.ptr()) != 0) {
         python_value_error("cannot add a set item");
@@ -301,7 +320,7 @@ class PyBuilder {
   Value frozenset(Value* items, size_t n) {
     Value s = empty_set();
     set_add(s, items, n);
-    return Value{steal(PyFrozenSet_New(s.obj.ptr())), LazyRef(), s.depth, false};
+    return Value{steal(PyFrozenSet_New(s.obj.ptr())), LazyRef(), s.depth, false, kReachesAllSlots};
   }
   uint32_t depth(const Value& v) const { return v.depth; }
 
@@ -324,12 +343,12 @@ class PyBuilder {
   }
 
   Value reduce(Value& callable, Value& args) {
-    if (!callable.global && !permissive_) unsafe("REDUCE on " + describe(callable) + ", which is not an allowed global");
     if (args.lazy && args.lazy->slot == nullptr &&
         (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_))) {
       py::object t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
-      if (t) return plain(std::move(t));
+      if (t) return Value{std::move(t), LazyRef(), 0, false, args.slots};  // bytes not read: no wait
     }
+    ready(args);
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) {
       if (!permissive_) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
@@ -337,28 +356,34 @@ class PyBuilder {
     }
     if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_))
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
-    PyObject* r = PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr);
+    // weights_only: the policy decides (torch's rules for callables not named by GLOBAL, caps).
+    PyObject* r = permissive_ ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
+                              : PyObject_CallFunctionObjArgs(reduce_.ptr(), callable.obj.ptr(), a.ptr(),
+                                                             callable.global ? Py_True : Py_False, nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(callable.obj);
-    return Value{steal(r), LazyRef(), args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
   Value newobj(Value& cls, Value& args) {
-    if (!cls.global && !permissive_) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
+    ready(args);
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
-    return Value{steal(r), LazyRef(), args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
   Value newobj_ex(Value& cls, Value& args, Value& kwargs) {
-    if (!cls.global && !permissive_) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
+    ready(args);
+    ready(kwargs);
     py::object a = materialize(args), k = materialize(kwargs);
     if (!PyTuple_CheckExact(a.ptr()) || !PyDict_CheckExact(k.ptr()))
       unsafe("NEWOBJ_EX needs a tuple and a dict");
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), k.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
-    return Value{steal(r), LazyRef(), args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
   void build(Value& obj, Value& state) {
+    ready(obj);
+    ready(state);
     py::object o = materialize(obj), st = materialize(state);
     PyObject* r = PyObject_CallFunctionObjArgs(build_.ptr(), o.ptr(), st.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(py::type::handle_of(o));
@@ -368,6 +393,7 @@ class PyBuilder {
 
   // ---- storages ------------------------------------------------------------
   Value persistent_load(Value& pid_value) {
+    ready(pid_value);
     py::object pid = materialize(pid_value);
     if (!source_) return plain(ctx_.attr("persistent_load")(pid));
     if (!PyTuple_CheckExact(pid.ptr()) || PyTuple_GET_SIZE(pid.ptr()) != 5)
@@ -402,24 +428,29 @@ class PyBuilder {
     slot.nbytes = nbytes;
     slot.dtype = info.dtype;
     slot.itemsize = info.itemsize;
-    if (source_->arena_offsets.empty()) {
+    if (source_->job == nullptr) {
       source_->archive->stored_view(record);  // stored, inside the file
       slot.source_offset = record.data_offset;
     } else {
-      auto at = source_->arena_offsets.find(&record);
-      if (at == source_->arena_offsets.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
-      slot.source_offset = at->second;
+      auto at = source_->job_index.find(&record);
+      if (at == source_->job_index.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
+      slot.job_record = at->second;
+      slot.source_offset = source_->job->offsets()[at->second];
     }
     if (!range_within(slot.source_offset, slot.nbytes, source_->bytes.size))
       fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");
     LazyRef node(new Lazy());
     node->slot = &slot;
-    Value v{py::object(), std::move(node), 0, false};
+    Value v{py::object(), std::move(node), 0, false, static_cast<uint32_t>(slots_.size())};
     remember_slot(key_str, v);
     return v;
   }
 
-  py::object finish(Value& v) { return materialize(v); }
+  py::object finish(Value& v, uint32_t max_depth) {
+    py::object result = materialize(v);
+    check_linked_depth(result, max_depth);
+    return result;
+  }
 
  private:
   struct DtypeInfo {
@@ -433,6 +464,79 @@ class PyBuilder {
   }
   static Value plain(py::object o) { return Value{std::move(o), LazyRef(), 0, false}; }
   static bool is_exact_str(const Value& v) { return v.obj.ptr() != nullptr && PyUnicode_CheckExact(v.obj.ptr()); }
+
+  // Bytes reach Python code only once read and checked: waits for the records
+  // of the slots `v` may reach (in slot order, each at most once per load).
+  void ready(const Value& v) {
+    if (!source_ || source_->job == nullptr) return;
+    const size_t upto = v.slots == kReachesAllSlots ? slots_.size() : v.slots;
+    for (; ready_slots_ < upto; ++ready_slots_) {
+      const StorageSlot& slot = slots_[ready_slots_];
+      if (slot.job_record != SIZE_MAX) source_->job->wait_record(slot.job_record);
+    }
+  }
+
+  // The nesting cap counted on the finished graph: depth is tracked as values
+  // are built, but a list memoized, linked into its parent and only then
+  // filled (through a memo GET) deepens its parent unseen. Iterative, shared
+  // containers visited once; a reference back into a container being walked
+  // (a cycle) adds nothing.
+  void check_linked_depth(py::handle root, uint32_t max_depth) {
+    struct Frame {
+      PyObject* obj;
+      py::object items;  // the container's children as a list or tuple
+      Py_ssize_t next;
+      uint32_t height;
+    };
+    std::unordered_map<PyObject*, uint32_t> heights;  // finished containers; 0 = being walked
+    std::vector<Frame> stack;
+    auto children = [](PyObject* o) -> py::object {
+      if (PyList_Check(o) || PyTuple_Check(o)) return py::reinterpret_borrow<py::object>(o);
+      if (PyDict_Check(o)) {
+        py::list kv;
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(o, &pos, &k, &v)) {
+          kv.append(k);
+          kv.append(v);
+        }
+        return std::move(kv);
+      }
+      if (PyAnySet_Check(o)) return steal(PySequence_List(o));
+      return py::object();
+    };
+    auto enter = [&](PyObject* o) -> uint32_t {  // height if known now, else pushes a frame
+      auto it = heights.find(o);
+      if (it != heights.end()) return it->second;
+      py::object items = children(o);
+      if (!items) return 0;
+      heights.emplace(o, 0);
+      stack.push_back({o, std::move(items), 0, 1});
+      if (stack.size() > max_depth)
+        fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
+      return UINT32_MAX;
+    };
+    enter(root.ptr());
+    while (!stack.empty()) {
+      Frame& f = stack.back();
+      PyObject* items = f.items.ptr();
+      const Py_ssize_t n = PyList_Check(items) ? PyList_GET_SIZE(items) : PyTuple_GET_SIZE(items);
+      if (f.next == n) {
+        heights[f.obj] = f.height;
+        const uint32_t h = f.height;
+        stack.pop_back();
+        if (!stack.empty()) stack.back().height = std::max(stack.back().height, h + 1);
+        continue;
+      }
+      PyObject* child = PyList_Check(items) ? PyList_GET_ITEM(items, f.next) : PyTuple_GET_ITEM(items, f.next);
+      ++f.next;
+      const uint32_t h = enter(child);  // may reallocate `stack`: `f` is not used after this
+      if (h == UINT32_MAX) continue;
+      if (stack.size() + h > max_depth)  // a subtree walked before, now reached deeper
+        fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
+      stack.back().height = std::max(stack.back().height, h + 1);
+    }
+  }
 
   // Turns the pending Python exception into an UnpicklingError that keeps its text.
   [[noreturn]] static void python_value_error(const std::string& what) {
@@ -582,7 +686,12 @@ class PyBuilder {
       if (slot.first_tensor) {
         slot.untyped = call_method(slot.first_tensor, name_untyped_storage_);
       } else if (slot.nbytes == 0) {
-        slot.untyped = untyped_storage_cls_(0);
+        // Over no bytes and not resizable, as torch's are (UntypedStorage(0) could be
+        // grown by a later set_ to a size from the file).
+        DLDataType u8{1, 8, 1};
+        std::vector<int64_t> shape{0}, strides{1};
+        py::capsule capsule = dlpack_capsule(source_->bytes.owner, nullptr, u8, shape, strides);  // data_ptr 0, as torch's
+        slot.untyped = call_method(steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr())), name_untyped_storage_);
       } else {
         slot.untyped = call_method(frombuffer(uint8_, slot.nbytes, slot.source_offset), name_untyped_storage_);
       }
@@ -710,8 +819,8 @@ class PyBuilder {
   // weights_only=False: any callable, any container, the file's own errors.
   bool permissive_ = false;
   py::object frombuffer_kwnames_, empty_kwnames_;
-  py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, build_, settable_types_, empty_shape_, zero_;
+  py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
   std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
@@ -720,6 +829,7 @@ class PyBuilder {
   bool numbered_records_built_ = false;
   std::unordered_map<std::string, Value> named_slots_;
   std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
+  size_t ready_slots_ = 0;         // slots_[0, ready_slots_) have their bytes
   std::unordered_map<std::string, bool> fast_locations_;
   py::object last_location_;
   bool last_location_fast_ = false;
@@ -736,7 +846,7 @@ void register_unpickler(py::module_& m) {
   m.def(
       "unpickle",
       [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, py::object source,
-         const ReadJob* eager) {
+         ReadJob* eager) {
         BorrowedBuffer data(pickle, /*writable=*/false);
         std::optional<StorageSource> storage_source;
         if (archive) {
@@ -746,9 +856,9 @@ void register_unpickler(py::module_& m) {
           s.buffer = py::reinterpret_steal<py::object>(PyMemoryView_FromObject(source.ptr()));
           if (!s.buffer) throw py::error_already_set();
           if (eager != nullptr) {
-            s.arena_offsets.reserve(eager->records().size());
-            for (size_t i = 0; i < eager->records().size(); ++i)
-              s.arena_offsets.emplace(eager->records()[i], eager->offsets()[i]);
+            s.job = eager;
+            s.job_index.reserve(eager->records().size());
+            for (size_t i = 0; i < eager->records().size(); ++i) s.job_index.emplace(eager->records()[i], i);
           }
           storage_source = std::move(s);
         }
@@ -756,7 +866,7 @@ void register_unpickler(py::module_& m) {
         PickleLimits limits;
         PickleMachine<PyBuilder> machine(builder, limits);
         PyValue result = machine.run(data.data(), data.size());
-        return builder.finish(result);
+        return builder.finish(result, limits.max_depth);
       },
       py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("source") = py::none(),
       py::arg("eager") = nullptr,

@@ -4,6 +4,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     Archive,
     ByteView,
     allocate,
+    check_tensor_in_storage,
     crc32,
     crc32_combine,
     crc32_implementation,

@@ -19,26 +19,35 @@ def open_archive(f) -> _native.Archive:
     if isinstance(f, (str, os.PathLike)):
         return _native.Archive.open(os.fspath(f))
     start = f.tell()
-    end = f.seek(0, os.SEEK_END)
+    f.seek(0, os.SEEK_END)
+    end = f.tell()  # not seek's return value: some file views return another position there
     f.seek(start)
-    buffer = _native.allocate(end - start)
-    view = memoryview(buffer)
-    filled = 0
+    buffer = _native.allocate(max(end - start, 0))
+    _read_exactly(f, memoryview(buffer))
+    return _native.Archive.from_buffer(buffer)
+
+
+def _read_exactly(f, view: memoryview) -> None:
+    """Fill `view` from `f`; a read that returns anything but 1..len(asked) bytes is an error, never progress."""
     readinto = getattr(f, "readinto", None)
+    filled = 0
     while filled < len(view):
+        asked = len(view) - filled
         if readinto is not None:
             n = readinto(view[filled:])
         else:
-            chunk = f.read(len(view) - filled)
-            n = len(chunk)
-            view[filled : filled + n] = chunk
-        if not n:
-            break
+            chunk = f.read(asked)
+            n = len(chunk) if isinstance(chunk, (bytes, bytearray, memoryview)) else chunk
+            if isinstance(n, int) and 0 < n <= asked:
+                view[filled : filled + n] = chunk
+        if type(n) is not int or n < 0 or n > asked:
+            method = "readinto" if readinto is not None else "read"
+            raise FormatError(f"{type(f).__name__}.{method}() returned {n!r} when asked for {asked} bytes")
+        if n == 0:
+            raise FormatError(
+                f"the file ended after {filled} of the {len(view)} bytes it had when opened (truncated while reading?)"
+            )
         filled += n
-    view.release()
-    if filled != len(buffer):
-        raise FormatError(f"the file ended after {filled} of the {len(buffer)} bytes it had when opened (truncated while reading?)")
-    return _native.Archive.from_buffer(buffer)
 
 
 def read_record(archive: _native.Archive, name: str, check_crc: bool = True) -> bytes:

@@ -9,13 +9,14 @@ import pickle
 import re
 import warnings
 
+import numpy
 import torch
 from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native
 from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
 from fastckpt.archive import open_archive, read_record
-from fastckpt.errors import LimitError, RecordError, UnpicklingError
+from fastckpt.errors import LimitError, MetadataError, RecordError, UnpicklingError
 
 # data.pkl is read whole into memory; a larger one is refused before reading.
 MAX_PICKLE_BYTES = 1 << 30
@@ -108,8 +109,9 @@ def _handed_to_torch(f, mmap) -> bool:
 
 
 def _storage_from_buffer(buffer, offset: int, nbytes: int):
+    """A CPU storage over bytes in place; never resizable (as torch's), so no set_ can grow it."""
     if nbytes == 0:
-        return torch.UntypedStorage(0)
+        return torch.from_numpy(numpy.empty(0, numpy.uint8)).untyped_storage()
     return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
 
 
@@ -262,8 +264,17 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
             source.finish()
     finally:
         tls.map_location = None
-    torch._utils._validate_loaded_sparse_tensors()
+    _validate_sparse_tensors()
     return result
+
+
+def _validate_sparse_tensors() -> None:
+    """Torch's end-of-load sparse checks, always on: an invalid sparse tensor corrupts memory on first use."""
+    try:
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            torch._utils._validate_loaded_sparse_tensors()
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise MetadataError(f"invalid sparse tensor: {e}") from e
 
 
 def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=False, threads=None,
