@@ -122,3 +122,218 @@ def _filled(blob):
     buffer = _native.allocate(len(blob))
     memoryview(buffer)[:] = blob
     return buffer
+
+
+# --------------------------------------------------------------------------- storages and legacy set_ states
+
+from parity import P, assert_same, call, rezip, save_bytes, torch_load  # noqa: E402
+
+OD = P.call("collections", "OrderedDict")
+
+
+def _write(tmp_path, data, name="f.pt"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+@pytest.mark.parametrize("obj", ["empty", "full"])
+def test_every_loaded_storage_is_not_resizable(obj, mmap, tmp_path):
+    t = torch.empty(0) if obj == "empty" else torch.arange(8.0)
+    s = t.to(torch.uint8).untyped_storage()
+    p = _write(tmp_path, save_bytes({"t": t, "p": torch.nn.Parameter(t.clone()), "s": s}))
+    got = fastckpt.load(p, mmap=mmap)
+    s = got["s"]._untyped_storage if isinstance(got["s"], torch.storage.TypedStorage) else got["s"]
+    for storage in (got["t"].untyped_storage(), got["p"].untyped_storage(), s):
+        with pytest.raises(RuntimeError, match="not resizable"):
+            storage.resize_(1 << 20)
+
+
+# The base file: storage '0' is 8 float32s, storage '1' holds no bytes.
+TWO = save_bytes([torch.arange(8.0), torch.empty(0)])
+
+
+def _parameter_over(key, numel):
+    pid = P.pid(key=key, numel=numel)
+    return P.call("torch._utils", "_rebuild_parameter", P.tensor(pid=pid, size=(numel,)), P.FALSE, OD)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+@pytest.mark.parametrize("key,numel", [("1", 0), ("0", 8)], ids=["empty-storage", "full-storage"])
+def test_parameter_set_state_cannot_leave_its_storage(key, numel, mmap, tmp_path):
+    # BUILD on a Parameter runs Tensor.__setstate__; a 4-item state is set_(storage, offset, size, stride).
+    state = P.tuple(P.pid(key=key, numel=numel), P.int(0), P.ints(1 << 24), P.ints(1))
+    p = _write(tmp_path, rezip(TWO, replace={"data.pkl": P.program(_parameter_over(key, numel) + state + P.BUILD)}))
+    assert torch_load(p).exc is not None  # torch refuses too ("storage that is not resizable")
+    with pytest.raises(fastckpt.MetadataError, match="tensor"):
+        fastckpt.load(p, mmap=mmap)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+@pytest.mark.parametrize("target", ["tensor", "parameter"])
+def test_in_bounds_legacy_set_state_loads_as_torch(target, mmap, tmp_path):
+    base = P.tensor(pid=P.pid(numel=8), size=(8,)) if target == "tensor" else _parameter_over("0", 8)
+    state = P.tuple(P.pid(numel=8), P.int(2), P.ints(2, 3), P.ints(3, 1))
+    p = _write(tmp_path, rezip(TWO, replace={"data.pkl": P.program(base + state + P.BUILD)}))
+    ref = torch_load(p)
+    assert ref.exc is None, ref.exc
+    assert_same(fastckpt.load(p, mmap=mmap), ref.value)
+
+
+def test_small_constructor_calls_load_as_torch(tmp_path):
+    data = P.EMPTY_LIST + P.MARK + P.float(1.0) + P.float(2.0) + P.APPENDS
+    pkl = P.program(P.tuple(P.call("builtins", "bytearray", P.int(16)), P.call("torch", "FloatTensor", data)))
+    p = _write(tmp_path, rezip(TWO, replace={"data.pkl": pkl}))
+    ref = torch_load(p)
+    assert ref.exc is None, ref.exc
+    assert_same(fastckpt.load(p), ref.value)
+
+
+# --------------------------------------------------------------------------- bytes before they are read
+
+
+def _python_rebuilt():
+    """Tensors whose rebuild hands storages to torch code that reads their bytes while loading."""
+    dense = torch.zeros(6, 6)
+    dense[1, 2], dense[4, 0], dense[5, 5] = 1.5, -2.0, 3.0
+    return {
+        "nested": torch.nested.nested_tensor([torch.arange(6.0).reshape(2, 3), torch.arange(8.0).reshape(2, 4)]),
+        "coo": dense.to_sparse(),
+        "csr": dense.to_sparse_csr(),
+        "qchannel": torch.quantize_per_channel(torch.randn(4, 3), torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.double),
+                                               torch.tensor([0, 1, 2, 3]), 0, torch.qint8),
+        "param": torch.nn.Parameter(torch.arange(5.0)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_storages_reaching_python_wait_for_their_bytes(tmp_path, monkeypatch):
+    # A read job slowed down on purpose: any storage handed to Python code before its
+    # record arrived would be read as zeros (a nested tensor's sizes, sparse indices).
+    p = _write(tmp_path, save_bytes(_python_rebuilt()))
+    monkeypatch.setenv("FASTCKPT_TEST_READ_DELAY_US", "50000")
+    got = fastckpt.load(p, mmap=False)
+    monkeypatch.delenv("FASTCKPT_TEST_READ_DELAY_US")
+    assert_same(got, torch.load(p))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_torch_validates_the_real_bytes_not_zeros(tmp_path, monkeypatch):
+    # A nested tensor whose sizes (record data/1) do not fit its buffer: torch's constructor
+    # refuses it; one handed its sizes before they were read would see zeros and accept them.
+    nested = torch.nested.nested_tensor([torch.arange(6.0).reshape(2, 3), torch.arange(8.0).reshape(2, 4)])
+    sizes = torch.tensor([[2, 3], [2, 4000]]).numpy().tobytes()
+    p = _write(tmp_path, rezip(save_bytes({"nested": nested}), replace={"data/1": sizes}))
+    assert torch_load(p).exc is not None
+    monkeypatch.setenv("FASTCKPT_TEST_READ_DELAY_US", "50000")
+    with pytest.raises(fastckpt.CheckpointError, match="out of bounds"):
+        fastckpt.load(p, mmap=False)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_crc_mismatch_reaches_the_waiting_storage(tmp_path, monkeypatch):
+    from parity import flip_byte
+
+    data = save_bytes(_python_rebuilt())
+    names = [n for n, _ in __import__("parity").zip_entries(data) if "/data/" in n]
+    p = _write(tmp_path, flip_byte(data, names[0].split("/", 1)[1]))
+    monkeypatch.setenv("FASTCKPT_TEST_READ_DELAY_US", "20000")
+    with pytest.raises(fastckpt.IntegrityError):
+        fastckpt.load(p, mmap=False)
+
+
+@pytest.mark.parametrize("invariants", [False, True])
+def test_invalid_sparse_tensors_are_refused_whatever_the_invariants_setting(invariants, tmp_path):
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, 9]]), torch.tensor([1.0, 2.0]), (3,))  # index 9 of 3
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        bad = coo
+    p = _write(tmp_path, save_bytes({"coo": bad}))
+    with torch.sparse.check_sparse_tensor_invariants(enable=invariants):
+        with pytest.raises(fastckpt.MetadataError, match="sparse"):
+            fastckpt.load(p)
+
+
+# --------------------------------------------------------------------------- file objects that misbehave
+
+
+class _Misbehaving(io.RawIOBase):
+    """A readable, seekable file whose reads return `bad` once `after` bytes were read."""
+
+    def __init__(self, data, bad, method, after=0):
+        self._f, self._bad, self._method, self._after = io.BytesIO(data), bad, method, after
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def seek(self, *args):
+        return self._f.seek(*args)
+
+    def tell(self):
+        return self._f.tell()
+
+    def _misbehaves(self):
+        return self._f.tell() >= self._after
+
+    # Reads return at most 64 bytes, so a file takes many calls (torch's magic check reads 4).
+    def readinto(self, b):
+        if self._method == "readinto" and self._misbehaves():
+            return self._bad(len(b)) if callable(self._bad) else self._bad
+        return self._f.readinto(memoryview(b)[:64])
+
+    def read(self, n=-1):
+        if self._method == "read" and self._misbehaves():
+            return self._bad(n) if callable(self._bad) else self._bad
+        return self._f.read(min(n, 64) if n >= 0 else 64)
+
+
+class _ReadOnly:
+    """No readinto: fastckpt falls back to read()."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name == "readinto":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+BAD_READS = {
+    "minus_one": -1,
+    "none": None,
+    "more_than_asked": lambda n: n + 1,
+    "zero_forever": 0,
+    "a_string": "x",
+}
+
+
+@pytest.mark.parametrize("method", ["readinto", "read"])
+@pytest.mark.parametrize("kind", list(BAD_READS))
+def test_file_objects_whose_reads_misbehave_are_refused(kind, method):
+    data = save_bytes({"w": torch.arange(64.0)})
+    bad = BAD_READS[kind]
+    if method == "read" and kind == "more_than_asked":
+        bad = lambda n: b"\0" * (n + 1)  # noqa: E731
+    f = _Misbehaving(data, bad, method, after=100)
+    if method == "read":
+        f = _ReadOnly(f)
+    start = time.monotonic()
+    with pytest.raises(fastckpt.FormatError, match="_Misbehaving|_ReadOnly|truncated"):
+        fastckpt.load(f)
+    assert time.monotonic() - start < 5
+
+
+def test_a_file_view_whose_seek_returns_another_position(tmp_path):
+    """torch.distributed.checkpoint hands torch.load a view of a larger file whose seek() returns
+    the position in the underlying file; only tell() is meaningful."""
+    data = save_bytes({"w": torch.arange(64.0)})
+
+    class View(io.BytesIO):
+        def seek(self, *args):
+            return super().seek(*args) + 1000
+
+    assert_same(fastckpt.load(View(data)), torch.load(View(data)))

@@ -145,6 +145,7 @@ class PyBuilder {
     rebuild_v2_ = ctx_.attr("rebuild_tensor_v2");
     rebuild_v3_ = ctx_.attr("rebuild_tensor_v3");
     rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
+    rebuild_tensor_ = ctx_.attr("rebuild_tensor");
     newobj_ = ctx_.attr("newobj");
     build_ = ctx_.attr("build");
     py::module_ errors = py::module_::import("fastckpt.errors");
@@ -354,7 +355,8 @@ class PyBuilder {
       if (!permissive_) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
       a = steal(PySequence_Tuple(a.ptr()));  // pickle calls func(*args) with any iterable
     }
-    if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_))
+    if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_) ||
+        callable.obj.is(rebuild_tensor_))
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
     // weights_only: the policy decides (torch's rules for callables not named by GLOBAL, caps).
     PyObject* r = permissive_ ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
@@ -603,7 +605,7 @@ class PyBuilder {
     py::error_already_set e;
     // weights_only=False runs the file's own code: its errors pass through, as in torch.
     if (permissive_ || e.matches(checkpoint_error_)) throw e;
-    std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed";
+    std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed: " + e.what();
     e.restore();
     py::raise_from(unpickling_error_.ptr(), what.c_str());
     throw py::error_already_set();
@@ -820,7 +822,7 @@ class PyBuilder {
   bool permissive_ = false;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
   std::string encoding_;
   std::unordered_map<std::string, Value> globals_;

@@ -169,6 +169,7 @@ class _Context:
     rebuild_tensor_v2 = staticmethod(torch._utils._rebuild_tensor_v2)
     rebuild_tensor_v3 = staticmethod(torch._utils._rebuild_tensor_v3)
     rebuild_qtensor = staticmethod(torch._utils._rebuild_qtensor)
+    rebuild_tensor = staticmethod(torch._utils._rebuild_tensor)  # legacy: (storage, offset, size, stride)
 
     def __init__(self, storages: Storages, encoding: str):
         self.encoding = encoding
@@ -248,7 +249,9 @@ def _check_set_state(tensor, state) -> None:
     source, offset, size, stride = state
     if isinstance(source, torch.Tensor):
         nbytes = source.untyped_storage().nbytes()
-    elif isinstance(source, (torch.storage.TypedStorage, torch.UntypedStorage)):
+    elif isinstance(source, torch.storage.TypedStorage):
+        nbytes = source._untyped_storage.nbytes()  # not .nbytes(): it warns that TypedStorage is deprecated
+    elif isinstance(source, torch.UntypedStorage):
         nbytes = source.nbytes()
     else:
         raise MetadataError(f"set_ state names a {type(source).__name__}, not a storage or tensor")
