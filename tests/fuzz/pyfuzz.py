@@ -37,7 +37,6 @@ import time
 import traceback
 import warnings
 import zipfile
-import zlib
 
 HERE = pathlib.Path(__file__).resolve().parent
 TESTS = HERE.parent
