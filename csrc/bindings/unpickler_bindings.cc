@@ -192,7 +192,9 @@ class PyBuilder {
   }
   Value floating(double d) { return plain(steal(PyFloat_FromDouble(d))); }
   Value float_text(std::string_view text) {
-    py::str s{std::string(text)};
+    PyObject* decoded = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "strict");
+    if (decoded == nullptr) python_value_error("bad float literal");
+    py::object s = steal(decoded);
     PyObject* v = PyFloat_FromString(s.ptr());
     if (v == nullptr) python_value_error("bad float literal");
     return plain(steal(v));
@@ -346,7 +348,13 @@ class PyBuilder {
   Value reduce(Value& callable, Value& args) {
     if (args.lazy && args.lazy->slot == nullptr &&
         (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_))) {
-      py::object t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
+      py::object t;
+      try {
+        t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
+      } catch (py::error_already_set& e) {  // torch refused the file's metadata, as its own function would
+        e.restore();
+        reraise_as_checkpoint_error(callable.obj);
+      }
       if (t) return Value{std::move(t), LazyRef(), 0, false, args.slots};  // bytes not read: no wait
     }
     ready(args);
@@ -412,14 +420,22 @@ class PyBuilder {
     if (key_utf8 == nullptr) throw py::error_already_set();
     std::string key_str(key_utf8, static_cast<size_t>(key_len));
     PyValue* cached = find_slot(key_str);
-    if (cached != nullptr) return *cached;
-    if (!cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
+    if (cached == nullptr && !cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
 
     const DtypeInfo& info = storage_dtype(storage_type);
     int64_t n = as_int64(numel, "storage numel");
     uint64_t nbytes;
     if (n < 0 || !checked_mul(static_cast<uint64_t>(n), info.itemsize, &nbytes))
       fail(ErrorKind::Metadata, "storage '" + key_str + "' has an invalid numel " + std::to_string(n));
+    if (cached != nullptr) {  // only storages with bytes are cached, as in torch
+      const StorageSlot& first = *cached->lazy->slot;
+      if (first.dtype.is(info.dtype) && first.nbytes == nbytes) return *cached;
+      fail(ErrorKind::Metadata, "storage '" + key_str + "' is read as " + std::to_string(n) + " × " +
+                                    py::str(info.dtype).cast<std::string>() + " here but as " +
+                                    std::to_string(first.nbytes / first.itemsize) + " × " +
+                                    py::str(first.dtype).cast<std::string>() +
+                                    " before: one non-empty record cannot hold both");
+    }
     const ZipRecord& record = storage_record(key_str);
     if (record.size != nbytes)
       fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
@@ -444,7 +460,7 @@ class PyBuilder {
     LazyRef node(new Lazy());
     node->slot = &slot;
     Value v{py::object(), std::move(node), 0, false, static_cast<uint32_t>(slots_.size())};
-    remember_slot(key_str, v);
+    if (nbytes != 0) remember_slot(key_str, v);  // an empty storage takes each reference's dtype
     return v;
   }
 
@@ -788,7 +804,7 @@ class PyBuilder {
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));
       slot.first_tensor = tensor;
     } else if (!slot.untyped && !slot.first_tensor && slot.nbytes != 0 && offset == 0 &&
-               numel * itemsize == slot.nbytes && size.size() == 1) {
+               numel * itemsize == slot.nbytes && size.size() == 1 && is_contiguous(size, stride)) {
       // Same, for dtypes DLPack cannot name.
       tensor = frombuffer(dtype, numel, slot.source_offset);
       slot.first_tensor = tensor;

@@ -18,7 +18,7 @@ from torch import _weights_only_unpickler as _wo
 from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
 
 from fastckpt import _native
-from fastckpt.errors import LimitError, MetadataError, RecordError, UnsafeGlobalError
+from fastckpt.errors import CheckpointError, LimitError, MetadataError, RecordError, UnsafeGlobalError
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
 # weights_only: the most bytes an allowlisted constructor (bytearray(N)) may be asked for by
@@ -126,6 +126,8 @@ class Storages:
         dtype, itemsize = self.storage_dtype(storage_type)
         if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             raise MetadataError(f"malformed persistent id {saved_id!r}")
+        if not isinstance(location, (str, bytes)):
+            raise MetadataError(f"persistent id of storage '{key}' has location {location!r}, not a string")
         name = f"data/{key}"
         nbytes = numel * itemsize
         if key in self._loaded:
@@ -146,7 +148,12 @@ class Storages:
             storage = self._source(name, nbytes)
             if self._byteswap:
                 storage.byteswap(dtype)
-            storage = self._restore_location(storage, location)
+            try:
+                storage = self._restore_location(storage, location)
+            except RuntimeError as e:  # no deserializer for the tag, or its device is absent: torch's text
+                if isinstance(e, CheckpointError):
+                    raise
+                raise MetadataError(str(e)) from e
         typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         if typed._data_ptr() != 0:  # torch does not cache meta or empty storages
             self._loaded[key] = typed

@@ -168,11 +168,19 @@ def _check_version(archive) -> None:
         raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
 
 
+def _check_storage_alignment(archive) -> None:
+    """torch.save writes `config.save.storage_alignment` (any positive integer) as decimal text."""
+    if ".storage_alignment" in archive:
+        text = read_record(archive, ".storage_alignment")
+        if not (text.isdigit() and int(text) > 0):
+            raise RecordError(f"record '.storage_alignment' holds {text[:32]!r}, not a positive decimal integer")
+
+
 def _byteorder(archive) -> bytes | None:
     if "byteorder" in archive:
         mark = read_record(archive, "byteorder")
-        if mark not in (b"little", b"big"):
-            raise ValueError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+        if mark not in (b"little", b"big"):  # torch raises ValueError with this text
+            raise RecordError("Unknown endianness type: " + mark.decode("ascii", "replace"))
         return mark
     from torch.serialization import LoadEndianness, get_default_load_endianness
 
@@ -219,6 +227,7 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
 
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
     _check_version(archive)
+    _check_storage_alignment(archive)
     pickle_info = archive.record("data.pkl")
     if pickle_info["size"] > MAX_PICKLE_BYTES:
         raise LimitError(f"data.pkl is {pickle_info['size']} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
