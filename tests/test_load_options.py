@@ -337,11 +337,30 @@ def test_verify_catches_corrupt_storage_under_mmap(tmp_path, data):
         fc_load(p, mmap=True, verify=True)
 
 
-@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("verify", [None, True])
 def test_eager_read_checks_storage_crc(verify, tmp_path, data):
     p = write(tmp_path, flip_byte(data, "data/0", 5))
-    with pytest.raises(fastckpt.IntegrityError):
+    with pytest.raises(fastckpt.IntegrityError, match=r"(?s)weight.*verify=False"):
         fc_load(p, mmap=False, verify=verify)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_verify_false_checks_no_storage_but_data_pkl(mmap, tmp_path, data):
+    p = write(tmp_path, flip_byte(data, "data/0", 5))
+    assert_same(fc_load(p, mmap=mmap, verify=False), torch.load(p))  # the corrupted bytes, as torch
+    with pytest.raises(fastckpt.IntegrityError, match="data.pkl"):
+        fc_load(write(tmp_path, flip_byte(data, "data.pkl", 40), "pkl.pt"), mmap=mmap, verify=False)
+
+
+@pytest.mark.parametrize("value,raises", [("1", True), ("0", False)])
+def test_verify_from_the_environment(value, raises, tmp_path, data, monkeypatch):
+    p = write(tmp_path, flip_byte(data, "data/0", 5))
+    monkeypatch.setenv("FASTCKPT_VERIFY", value)
+    if raises:
+        with pytest.raises(fastckpt.IntegrityError):
+            fc_load(p, mmap=True)
+    else:
+        fc_load(p, mmap=False)
 
 
 @pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])

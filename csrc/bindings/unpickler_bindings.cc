@@ -268,7 +268,9 @@ class PyBuilder {
   }
   void list_extend(Value& list, Value* items, size_t n) {
     const bool exact = list.obj.ptr() != nullptr && PyList_CheckExact(list.obj.ptr());
-    if (!exact && !permissive_) unsafe("can only append to lists, but got " + describe(list));
+    // torch's texts: APPEND "append to", APPENDS "extend" (one item is the former)
+    if (!exact && !permissive_)
+      unsafe(std::string(n == 1 ? "Can only append to lists" : "Can only extend lists") + ", but got " + type_repr(list));
     if (!exact) ready(list);  // its own append() runs
     for (size_t i = 0; i < n; ++i) {
       py::object item = materialize(items[i]);
@@ -290,7 +292,8 @@ class PyBuilder {
     PyObject* target = d.obj.ptr();
     const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
     if (!exact_dict && !permissive_ && !is_settable_mapping(target))
-      unsafe("can only SETITEM for dict, collections.OrderedDict, collections.Counter, but got " + describe(d));
+      unsafe(std::string("Can only ") + (pairs == 1 ? "SETITEM" : "SETITEMS") +
+             " for dict, collections.OrderedDict, collections.Counter, but got " + type_repr(d));
     if (!exact_dict) ready(d);  // a mapping's own __setitem__ may run
     for (size_t i = 0; i < pairs; ++i) {
       PyObject* key = materialize(kv[2 * i]).ptr();
@@ -307,7 +310,7 @@ class PyBuilder {
   Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false, kReachesAllSlots}; }
   void set_add(Value& s, Value* items, size_t n) {
     const bool exact = s.obj.ptr() != nullptr && PySet_CheckExact(s.obj.ptr());
-    if (!exact && !permissive_) unsafe("can only add items to sets, but got " + describe(s));
+    if (!exact && !permissive_) unsafe("Can only add items to sets, but got " + type_repr(s));
     if (!exact) ready(s);
     for (size_t i = 0; i < n; ++i) {
       py::object item = materialize(items[i]);
@@ -632,6 +635,9 @@ class PyBuilder {
     if (v == nullptr) python_value_error("global name is not valid UTF-8");
     return steal(v);
   }
+
+  // str(type(v)), as torch's messages print it: "<class 'list'>".
+  std::string type_repr(Value& v) { return py::str(py::type::handle_of(materialize(v))).cast<std::string>(); }
 
   std::string describe(const Value& v) {
     if (v.obj.ptr() == nullptr) return v.lazy->slot ? "a storage" : "a tuple";

@@ -16,7 +16,7 @@ from torch.serialization import UNSAFE_MESSAGE
 from fastckpt import _native
 from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
 from fastckpt.archive import open_archive, read_record
-from fastckpt.errors import LimitError, MetadataError, RecordError, UnpicklingError
+from fastckpt.errors import CheckpointError, FormatError, IntegrityError, LimitError, MetadataError, RecordError, UnpicklingError
 
 # data.pkl is read whole into memory; a larger one is refused before reading.
 MAX_PICKLE_BYTES = 1 << 30
@@ -83,24 +83,64 @@ def _weights_only_message(message: str) -> str:
     return text + "\n\n" + message + DOCS_MESSAGE
 
 
-def _starts_with_zip(f) -> bool:
-    """Like torch's _is_zipfile: the 4 bytes at the current position (paths: at 0)."""
+# torch's legacy format opens with a pickle of torch.serialization.MAGIC_NUMBER.
+_LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+_LEGACY_MAGIC_TEXT = b"L%dL\n" % torch.serialization.MAGIC_NUMBER  # pickle protocols 0 and 1
+_SNIFF_BYTES = 64 << 10
+
+
+def _head(f) -> tuple[bytes, int]:
+    """Up to 64 KiB from the start (paths) or the current position (file objects), and the size from there."""
     if _is_path(f):
         with open(f, "rb") as fh:
-            return fh.read(4) == _ZIP_MAGIC
+            return fh.read(_SNIFF_BYTES), os.fstat(fh.fileno()).st_size
     torch.serialization._check_seekable(f)
     start = f.tell()
-    magic = f.read(4)
+    head = f.read(_SNIFF_BYTES)
+    f.seek(0, os.SEEK_END)
+    size = f.tell() - start
     f.seek(start)
-    return magic == _ZIP_MAGIC
+    return head, size
+
+
+def _is_legacy(head: bytes) -> bool:
+    """A legacy torch.save stream (its magic number pickled first) or a legacy tar archive."""
+    if head[257:262] == b"ustar":
+        return True
+    if head.startswith(_LEGACY_MAGIC_TEXT):
+        return True
+    if len(head) < 2 or head[0] != 0x80:  # PROTO
+        return False
+    body = head[2:]
+    if body[:1] == b"\x95":  # FRAME (protocol 4+) and its 8-byte length
+        body = body[9:]
+    return body.startswith(_LEGACY_MAGIC)
+
+
+def _format_of(f) -> str:
+    """'zip' or 'legacy' (torch's own readers); anything else is not a checkpoint: FormatError."""
+    head, size = _head(f)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if _is_legacy(head):
+        return "legacy"
+    if size == 0:
+        raise FormatError("the file is empty (0 bytes): not a checkpoint")
+    what = f"{size} bytes starting {head[:16].hex(' ')}"
+    found = head.find(_ZIP_MAGIC)
+    hint = f"; a zip signature is at offset {found}, not at 0 (bytes in front of the archive?)" if found > 0 else ""
+    raise FormatError(
+        f"not a checkpoint: {what}; expected a zip archive (PK\\x03\\x04 at offset 0), "
+        f"a legacy torch.save pickle or a legacy tar archive{hint}"
+    )
 
 
 def _handed_to_torch(f, mmap) -> bool:
     """Inputs torch.load handles in ways fastckpt does not reproduce natively."""
     if _is_path(f) and os.fspath(f).endswith(".safetensors"):
         return True
-    if not _starts_with_zip(f):
-        return True  # legacy pickle stream or tar: torch's own readers
+    if _format_of(f) == "legacy":
+        return True
     if torch._guards.detect_fake_mode(None) is not None or torch.serialization._serialization_tls.skip_data:
         return True  # fake tensors and skip_data: storages that do not hold file bytes
     if mmap and torch.serialization.get_default_mmap_options() != torch.serialization.MAP_PRIVATE:
@@ -118,20 +158,20 @@ def _storage_from_buffer(buffer, offset: int, nbytes: int):
 class _StorageSource:
     """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read."""
 
-    def __init__(self, archive, *, mmap: bool, threads: int):
+    def __init__(self, archive, *, mmap: bool, threads: int, check_crc: bool):
         self.archive = archive
         self.job = None
         self._finished = False
         self._arena_offset: dict[str, int] | None = None
         # Deflated records (a re-zipped checkpoint): inflated under a cap, CRC-checked.
         self.inflated = {
-            name: memoryview(bytearray(read_record(archive, name)))
+            name: memoryview(bytearray(read_record(archive, name, check_crc)))
             for name in ([] if mmap else archive.names("data/", 8))
         }
         if mmap:
             self.bytes = archive.whole()
         else:
-            self.job = archive.read_records_async(archive.names("data/", 0), True, threads)
+            self.job = archive.read_records_async(archive.names("data/", 0), check_crc, threads)
             self.bytes = self.job.buffer
         self.buffer = memoryview(self.bytes)
 
@@ -241,14 +281,12 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
             bad = [r for r in archive.verify([n for n in archive.names() if n.startswith("data/")], threads)
                    if r["status"] == "mismatch"]
             if bad:
-                from fastckpt.errors import IntegrityError
-
                 r = bad[0]
                 raise IntegrityError(
                     f"CRC-32 mismatch in record '{r['name']}' (data at offset {r['data_offset']}): stored "
                     f"0x{r['crc32']:08x}, computed 0x{r['computed']:08x}; {len(bad)} record(s) bad"
                 )
-        source = _StorageSource(archive, mmap=mmap, threads=threads)
+        source = _StorageSource(archive, mmap=mmap, threads=threads, check_crc=verify is not False)
     offsets = {r["name"]: r["data_offset"] for r in archive.records()} if meta else {}
     storages = Storages(source, map_location, byteswap=byteswap, meta=meta, offsets=offsets)
 
@@ -286,7 +324,55 @@ def _validate_sparse_tensors() -> None:
         raise MetadataError(f"invalid sparse tensor: {e}") from e
 
 
-def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=False, threads=None,
+def _resolve_verify(verify):
+    """None: FASTCKPT_VERIFY (0 or 1) if set, else None (eager loads check every storage, lazy ones none)."""
+    if verify is None:
+        env = os.getenv("FASTCKPT_VERIFY", "").strip().lower()
+        if env in ("1", "true", "yes"):
+            return True
+        if env in ("0", "false", "no"):
+            return False
+    return verify
+
+
+def _tensor_paths(archive, record: str) -> list[str]:
+    """The key paths ("model.layer.weight", "0.bias") of the tensors over `record`, from a lazy
+    weights_only re-read of the same archive (nothing is executed; no storage bytes are read)."""
+    obj = _load_archive(archive, None, None, weights_only=True, mmap=True, verify=False, threads=1,
+                        pickle_load_args={"encoding": "utf-8"})
+    base = torch.frombuffer(archive.whole(), dtype=torch.uint8).data_ptr() if len(archive.whole()) else 0
+    offset = archive.record(record)["data_offset"]
+    found, stack = [], [("", obj)]
+    while stack and len(found) < 4:
+        path, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.layout is torch.strided and not value.is_nested:  # others have no single storage
+                storage = value.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() == base + offset:
+                    found.append(path)
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in reversed(list(enumerate(value))))
+    return found
+
+
+def _integrity_message(error: IntegrityError, archive, weights_only: bool) -> str:
+    """Adds the tensors the bad record belongs to (when a re-read is safe) and how to load anyway."""
+    text = str(error)
+    m = re.search(r"record '(data/[^']+)'", text)
+    if m and weights_only:
+        try:
+            paths = _tensor_paths(archive, m.group(1))
+        except CheckpointError:
+            paths = []
+        if paths:
+            text += f"\nIt holds the tensor(s): {', '.join(paths)}."
+    return text + "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
+                  "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+
+
+def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=None, threads=None,
          **pickle_load_args):
     """Load an object saved with torch.save; a drop-in replacement for torch.load.
 
@@ -298,8 +384,11 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     (``verify=True`` checks their CRC-32s up front). Legacy (non-zip) files,
     TorchScript archives and ``.safetensors`` paths are handed to ``torch.load``.
 
-    Extra keyword-only arguments: ``verify`` (see above) and ``threads`` (reader
-    threads; default: all CPUs).
+    Extra keyword-only arguments: ``verify`` — None (default; the environment variable
+    ``FASTCKPT_VERIFY=0|1`` overrides it): eager loads check every storage's CRC-32,
+    lazy ones none; True: check every storage, also with ``mmap=True``; False: check no
+    storage (``data.pkl`` is always checked) — and ``threads`` (reader threads; default:
+    all CPUs).
     """
     _resolve_weights_only(weights_only, pickle_module, warn=False)  # raise early, as torch does
     if mmap is None:
@@ -308,19 +397,22 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         mmap = config.load.mmap
     if _handed_to_torch(f, mmap):
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
-    if mmap and not _is_path(f):
-        raise ValueError("f must be a file path in order to use the mmap argument")
     start = None if _is_path(f) else f.tell()
     archive = open_archive(f)
     if "constants.pkl" in archive:  # a TorchScript archive: torch.load dispatches to torch.jit.load
         if start is not None:
             f.seek(start)
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
+    if mmap and not _is_path(f):  # after the TorchScript check, as in torch.load
+        raise ValueError("f must be a file path in order to use the mmap argument")
     weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module, warn=True)
     if pickle_load_args and weights_only:
         warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
     pickle_load_args.setdefault("encoding", "utf-8")
-    return _load_archive(
-        archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap, verify=verify,
-        threads=threads or 0, pickle_load_args=pickle_load_args,
-    )
+    try:
+        return _load_archive(
+            archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
+            verify=_resolve_verify(verify), threads=threads or 0, pickle_load_args=pickle_load_args,
+        )
+    except IntegrityError as e:
+        raise IntegrityError(_integrity_message(e, archive, weights_only)) from None
