@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import os
 import re
 import threading
 import zoneinfo

@@ -138,7 +138,7 @@ def test_cuda_tagged_file_remapped(form, mmap, tmp_path, cuda_data):
 CUDA_FAILS = {
     "none": lambda: None,
     "other_tag": lambda: {"cuda:1": "cpu"},
-    "callable_none": lambda: (lambda s, l: None),
+    "callable_none": lambda: (lambda storage, location: None),
 }
 
 

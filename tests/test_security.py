@@ -1,13 +1,10 @@
 """Attack classes of a hostile checkpoint author (issue 7): each test covers a class, not one file."""
 
 import io
-import os
-import pickle
 import shutil
 import struct
 import subprocess
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -126,7 +123,7 @@ def _filled(blob):
 
 # --------------------------------------------------------------------------- storages and legacy set_ states
 
-from parity import P, assert_same, call, rezip, save_bytes, torch_load  # noqa: E402
+from parity import P, assert_same, rezip, save_bytes, torch_load  # noqa: E402
 
 OD = P.call("collections", "OrderedDict")
 

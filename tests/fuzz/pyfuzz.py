@@ -893,7 +893,6 @@ def run_fuzz(seed: int, iters: int, *, start=0, work: pathlib.Path | None = None
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
         last_i, last_phase, finished = i, "start", False
-        buf = ""
         deadline = time.time() + timeout_s + 60  # the first input waits for imports and seeds
         while True:
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.time()))
