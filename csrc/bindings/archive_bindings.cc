@@ -345,7 +345,15 @@ void register_archive(py::module_& m) {
               }
               tasks.push_back({r.data_offset, r.size, nullptr, true});
             }
-            auto results = copies_without_gil(a, tasks, threads);
+            std::vector<CopyResult> results;
+            {
+              py::gil_scoped_release release;
+              // CRC straight over a fresh read-only mapping (no copy into a
+              // buffer first), read ahead in file order.
+              std::shared_ptr<MappedFile> view = MappedFile::shared_view(*a.file);
+              if (view) view->advise(Advice::Sequential);
+              results = run_copies(view ? *view : *a.file, tasks, threads);
+            }
             py::list out;
             size_t k = 0;
             for (size_t i = 0; i < records.size(); ++i) {
