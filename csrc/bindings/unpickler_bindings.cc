@@ -153,7 +153,10 @@ class PyBuilder {
     unpickling_error_ = errors.attr("UnpicklingError");
     encoding_ = ctx_.attr("encoding").cast<std::string>();
     permissive_ = ctx_.attr("permissive").cast<bool>();
-    if (!permissive_) reduce_ = ctx_.attr("reduce");
+    if (!permissive_) {
+      reduce_ = ctx_.attr("reduce");
+      for (py::handle c : ctx_.attr("checked_callables")) checked_callables_.push_back(py::reinterpret_borrow<py::object>(c));
+    }
     empty_shape_ = py::make_tuple(0);
     zero_ = py::int_(0);
     // Names used per tensor, made once: attribute lookups by C string would
@@ -369,10 +372,12 @@ class PyBuilder {
     if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_) ||
         callable.obj.is(rebuild_tensor_))
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
-    // weights_only: the policy decides (torch's rules for callables not named by GLOBAL, caps).
-    PyObject* r = permissive_ ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
-                              : PyObject_CallFunctionObjArgs(reduce_.ptr(), callable.obj.ptr(), a.ptr(),
-                                                             callable.global ? Py_True : Py_False, nullptr);
+    // weights_only: the policy decides for callables not named by GLOBAL (torch's rules) and for
+    // the few it checks (file-sized allocations, sparse tensors); the others are called directly.
+    const bool direct = permissive_ || (callable.global && !is_checked_callable(callable.obj));
+    PyObject* r = direct ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
+                         : PyObject_CallFunctionObjArgs(reduce_.ptr(), callable.obj.ptr(), a.ptr(),
+                                                        callable.global ? Py_True : Py_False, nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(callable.obj);
     return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
@@ -636,6 +641,12 @@ class PyBuilder {
     return steal(v);
   }
 
+  bool is_checked_callable(const py::object& f) const {
+    for (const py::object& c : checked_callables_)
+      if (c.is(f)) return true;
+    return false;
+  }
+
   // str(type(v)), as torch's messages print it: "<class 'list'>".
   std::string type_repr(Value& v) { return py::str(py::type::handle_of(materialize(v))).cast<std::string>(); }
 
@@ -846,6 +857,7 @@ class PyBuilder {
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
   py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
+  std::vector<py::object> checked_callables_;  // weights_only: REDUCE on these goes through ctx.reduce
   std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> numbered_slots_;

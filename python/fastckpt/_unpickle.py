@@ -290,6 +290,9 @@ class WeightsOnlyContext(_Context):
         # made by an allowlisted getattr equals the allowlisted one).
         self._allowed_values = list(self._allowed.values()) + list(self._user.values())
         self._uninitialised = _uninitialised_constructors()
+        # The callables reduce() must see even when GLOBAL named them (others are called directly).
+        self.checked_callables = (bytearray, *self._uninitialised,
+                                  *(c for c in torch._tensor_classes if "sparse" in c.__module__))
 
     def resolve_global(self, module: str, name: str):
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -333,7 +336,8 @@ class WeightsOnlyContext(_Context):
             torch._utils._sparse_tensors_to_validate.append(result)
 
     def reduce(self, func, args, resolved: bool):
-        """REDUCE (the native fast path for tensors aside); `resolved`: func came from GLOBAL, so it is allowed."""
+        """REDUCE on a callable not named by GLOBAL, or one of `checked_callables`; `resolved`: func
+        came from GLOBAL, so it is allowed."""
         if not resolved and func not in self._allowed_values:
             message = f"Trying to call reduce for unrecognized function {func}"
             if hasattr(func, "__self__"):
