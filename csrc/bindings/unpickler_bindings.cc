@@ -2,8 +2,9 @@
 //
 // Policy (what a global resolves to, what NEWOBJ and BUILD may touch) lives in
 // Python, in fastckpt/_unpickle.py, behind the `ctx` object; this file does the
-// per-opcode work that must be fast: containers, strings, numbers, storages
-// and the tensors made by torch._utils._rebuild_tensor_v2/_v3. Storages are
+// per-opcode work that must be fast: storages and the tensors made by
+// torch._utils._rebuild_tensor_v2/_v3 (containers, strings and numbers come
+// from ValueBuilder, shared with the torch-free reader). Storages are
 // kept lazy (a slot, not a Python object) until something other than a fast
 // tensor rebuild needs them, so a tensor costs one call into torch.
 //
@@ -17,6 +18,7 @@
 
 #include "bindings/common.h"
 #include "bindings/dlpack_tensor.h"
+#include "bindings/value_builder.h"
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
@@ -86,33 +88,6 @@ LazyRef::~LazyRef() {
 
 constexpr uint32_t kMaxLazyNesting = 8;
 
-[[noreturn]] void unsafe(const std::string& what) { fail(ErrorKind::UnsafeGlobal, what); }
-
-std::string type_name(py::handle obj) {
-  return py::str(py::type::handle_of(obj)).cast<std::string>();
-}
-
-int64_t as_int64(py::handle v, const char* what) {
-  if (!PyLong_CheckExact(v.ptr()) && !PyBool_Check(v.ptr()))
-    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not an int");
-  int overflow = 0;
-  long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-  if (overflow != 0) fail(ErrorKind::Metadata, std::string("tensor ") + what + " does not fit in 64 bits");
-  return x;
-}
-
-// Fills `out` (reused across tensors to spare an allocation each).
-void as_int64_list(py::handle v, const char* what, std::vector<int64_t>& out) {
-  if (!PyTuple_Check(v.ptr()))  // torch.Size is a tuple subclass
-    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not a tuple");
-  Py_ssize_t n = PyTuple_GET_SIZE(v.ptr());
-  if (n > static_cast<Py_ssize_t>(kMaxTensorDims))
-    fail(ErrorKind::Metadata, "tensor has " + std::to_string(n) + " dimensions (at most " +
-                                  std::to_string(kMaxTensorDims) + " are accepted)");
-  out.resize(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = as_int64(PyTuple_GET_ITEM(v.ptr(), i), what);
-}
-
 // Where storages come from in the fast path.
 struct StorageSource {
   std::shared_ptr<Archive> archive;
@@ -121,7 +96,7 @@ struct StorageSource {
   std::unordered_map<const ZipRecord*, uint64_t> arena_offsets;  // eager reads; empty: mmap
 };
 
-class PyBuilder {
+class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
  public:
   using Value = PyValue;
 
@@ -152,78 +127,11 @@ class PyBuilder {
     name_untyped_storage_ = py::str("untyped_storage");
     name_requires_grad_ = py::str("requires_grad_");
     name_backward_hooks_ = py::str("_backward_hooks");
-    name_append_ = py::str("append");
-    name_add_ = py::str("add");
     frombuffer_kwnames_ = py::make_tuple("dtype", "count", "offset");
     empty_kwnames_ = py::make_tuple("dtype");
   }
 
-  // ---- scalars and strings ------------------------------------------------
-  Value none() { return plain(py::none()); }
-  Value boolean(bool v) { return plain(py::bool_(v)); }
-  Value integer(int64_t v) { return plain(steal(PyLong_FromLongLong(v))); }
-  Value big_integer(const uint8_t* le, size_t n) {
-    if (n == 0) return integer(0);
-    if (n <= 8) {
-      uint64_t u = 0;
-      for (size_t i = n; i-- > 0;) u = (u << 8) | le[i];
-      if (n < 8 && (le[n - 1] & 0x80)) u |= ~uint64_t{0} << (8 * n);  // sign-extend
-      return integer(static_cast<int64_t>(u));
-    }
-    py::bytes raw(reinterpret_cast<const char*>(le), n);
-    return plain(py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(&PyLong_Type))
-                     .attr("from_bytes")(raw, "little", py::arg("signed") = true));
-  }
-  Value decimal_integer(std::string_view text) {
-    std::string s(text);
-    PyObject* v = PyLong_FromString(s.c_str(), nullptr, 10);
-    if (v == nullptr) python_value_error("bad integer literal");
-    return plain(steal(v));
-  }
-  Value floating(double d) { return plain(steal(PyFloat_FromDouble(d))); }
-  Value float_text(std::string_view text) {
-    py::str s{std::string(text)};
-    PyObject* v = PyFloat_FromString(s.ptr());
-    if (v == nullptr) python_value_error("bad float literal");
-    return plain(steal(v));
-  }
-  Value unicode(std::string_view utf8) {
-    // surrogatepass, as pickle and torch's unpickler decode BINUNICODE
-    PyObject* v = PyUnicode_DecodeUTF8(utf8.data(), static_cast<Py_ssize_t>(utf8.size()), "surrogatepass");
-    if (v == nullptr) python_value_error("string is not valid UTF-8");
-    return plain(steal(v));
-  }
-  Value unicode_raw_escape(std::string_view s) {
-    PyObject* v = PyUnicode_DecodeRawUnicodeEscape(s.data(), static_cast<Py_ssize_t>(s.size()), nullptr);
-    if (v == nullptr) python_value_error("bad UNICODE literal");
-    return plain(steal(v));
-  }
-  Value byte_string(std::string_view s) {
-    py::bytes raw(s.data(), s.size());
-    if (encoding_ == "bytes") return plain(raw);
-    PyObject* v = PyUnicode_FromEncodedObject(raw.ptr(), encoding_.c_str(), "strict");
-    if (v == nullptr) python_value_error("string cannot be decoded as " + encoding_);
-    return plain(steal(v));
-  }
-  Value string_literal(std::string_view quoted) {
-    if (quoted.size() < 2 || quoted.front() != quoted.back() || (quoted.front() != '\'' && quoted.front() != '"'))
-      fail(ErrorKind::Unpickling, "malformed pickle: STRING literal is not quoted");
-    quoted = quoted.substr(1, quoted.size() - 2);
-    py::object decoded;
-    try {
-      decoded = py::module_::import("codecs").attr("escape_decode")(py::bytes(quoted.data(), quoted.size()))[py::int_(0)];
-    } catch (py::error_already_set&) {
-      python_value_error("bad STRING literal");
-    }
-    std::string_view raw = PyBytes_AS_STRING(decoded.ptr());
-    return byte_string(std::string_view(raw.data(), static_cast<size_t>(PyBytes_GET_SIZE(decoded.ptr()))));
-  }
-  Value bytes(std::string_view s) { return plain(py::bytes(s.data(), s.size())); }
-  Value bytearray(std::string_view s) {
-    return plain(steal(PyByteArray_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()))));
-  }
-
-  // ---- containers --------------------------------------------------------
+  // A tuple holding a lazy storage stays lazy, so a rebuild call can take the slot.
   Value tuple(Value* items, size_t n) {
     uint32_t depth = 0;
     bool any_lazy = false;
@@ -243,68 +151,8 @@ class PyBuilder {
       }
       return Value{py::object(), std::move(node), depth + 1, false};
     }
-    PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
-    if (t == nullptr) throw py::error_already_set();
-    for (size_t i = 0; i < n; ++i) PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), items[i].obj.release().ptr());
-    return Value{steal(t), LazyRef(), depth + 1, false};
+    return ValueBuilder::tuple(items, n);
   }
-  Value list(Value* items, size_t n) {
-    Value l{steal(PyList_New(0)), LazyRef(), 1, false};
-    list_extend(l, items, n);
-    return l;
-  }
-  void list_extend(Value& list, Value* items, size_t n) {
-    const bool exact = list.obj.ptr() != nullptr && PyList_CheckExact(list.obj.ptr());
-    if (!exact && !permissive_) unsafe("can only append to lists, but got " + describe(list));
-    for (size_t i = 0; i < n; ++i) {
-      py::object item = materialize(items[i]);
-      if (!exact) {
-        call_method(materialize(list), name_append_, {item.ptr()});
-      } else if (PyList_Append(list.obj.ptr(), item.ptr()) != 0) {
-        throw py::error_already_set();
-      }
-      list.depth = std::max(list.depth, items[i].depth + 1);
-    }
-  }
-  Value dict(Value* kv, size_t pairs) {
-    Value d{steal(PyDict_New()), LazyRef(), 1, false};
-    dict_set(d, kv, pairs);
-    return d;
-  }
-  void dict_set(Value& d, Value* kv, size_t pairs) {
-    PyObject* target = d.obj.ptr();
-    const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
-    if (!exact_dict && !permissive_ && !is_settable_mapping(target))
-      unsafe("can only SETITEM for dict, collections.OrderedDict, collections.Counter, but got " + describe(d));
-    for (size_t i = 0; i < pairs; ++i) {
-      PyObject* key = materialize(kv[2 * i]).ptr();
-      PyObject* value = materialize(kv[2 * i + 1]).ptr();
-      int rc = exact_dict ? PyDict_SetItem(target, key, value) : PyObject_SetItem(target, key, value);
-      if (rc != 0) python_value_error("cannot set a dict item");
-      d.depth = std::max(d.depth, std::max(kv[2 * i].depth, kv[2 * i + 1].depth) + 1);
-    }
-  }
-  Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false}; }
-  void set_add(Value& s, Value* items, size_t n) {
-    const bool exact = s.obj.ptr() != nullptr && PySet_CheckExact(s.obj.ptr());
-    if (!exact && !permissive_) unsafe("can only add items to sets, but got " + describe(s));
-    for (size_t i = 0; i < n; ++i) {
-      py::object item = materialize(items[i]);
-      if (!exact) {
-        call_method(materialize(s), name_add_, {item.ptr()});
-      } else if (PySet_Add(s.obj.ptr(), item.ptr()) != 0) {
-        python_value_error("cannot add a set item");
-      }
-      s.depth = std::max(s.depth, items[i].depth + 1);
-    }
-  }
-  Value frozenset(Value* items, size_t n) {
-    Value s = empty_set();
-    set_add(s, items, n);
-    return Value{steal(PyFrozenSet_New(s.obj.ptr())), LazyRef(), s.depth, false};
-  }
-  uint32_t depth(const Value& v) const { return v.depth; }
-
   // ---- globals and calls -------------------------------------------------
   Value global(std::string_view module, std::string_view name) {
     std::string key;
@@ -422,28 +270,14 @@ class PyBuilder {
   py::object finish(Value& v) { return materialize(v); }
 
  private:
+  friend class ValueBuilder<PyBuilder, PyValue>;  // calls plain, materialize, describe, is_settable_mapping
+
   struct DtypeInfo {
     py::object dtype;
     uint32_t itemsize;
   };
 
-  static py::object steal(PyObject* p) {
-    if (p == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(p);
-  }
   static Value plain(py::object o) { return Value{std::move(o), LazyRef(), 0, false}; }
-  static bool is_exact_str(const Value& v) { return v.obj.ptr() != nullptr && PyUnicode_CheckExact(v.obj.ptr()); }
-
-  // Turns the pending Python exception into an UnpicklingError that keeps its text.
-  [[noreturn]] static void python_value_error(const std::string& what) {
-    std::string detail;
-    if (PyErr_Occurred()) {
-      py::error_already_set e;
-      detail = std::string(": ") + e.what();
-    }
-    fail(ErrorKind::Unpickling, "malformed pickle: " + what + detail);
-  }
-
   // torch.save names storages "0", "1", ...: those index a vector (bounded by
   // the archive's record count); any other key goes through a map.
   static bool decimal_key(std::string_view key, size_t bound, size_t* out) {
@@ -503,12 +337,6 @@ class PyBuilder {
     e.restore();
     py::raise_from(unpickling_error_.ptr(), what.c_str());
     throw py::error_already_set();
-  }
-
-  py::object materialize_str(std::string_view s) {
-    PyObject* v = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
-    if (v == nullptr) python_value_error("global name is not valid UTF-8");
-    return steal(v);
   }
 
   std::string describe(const Value& v) {
@@ -697,23 +525,13 @@ class PyBuilder {
     PyObject* args[] = {source_->buffer.ptr(), dtype.ptr(), n.ptr(), o.ptr()};
     return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
   }
-  py::object call_method(py::handle self, const py::str& name, std::initializer_list<PyObject*> args = {}) {
-    PyObject* argv[5] = {self.ptr()};
-    size_t n = 1;
-    for (PyObject* a : args) argv[n++] = a;
-    return steal(PyObject_VectorcallMethod(name.ptr(), argv, n | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
-  }
-
   py::object ctx_;
   std::optional<StorageSource> source_;
-  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_, name_append_, name_add_;
-  // weights_only=False: any callable, any container, the file's own errors.
-  bool permissive_ = false;
+  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
   py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
-  std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> numbered_slots_;
   std::vector<const ZipRecord*> numbered_records_;
