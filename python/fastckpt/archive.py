@@ -12,6 +12,8 @@ from fastckpt.errors import FormatError, IntegrityError, LimitError, RecordError
 # A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
 # never beyond this many bytes nor beyond what its header declares.
 MAX_INFLATED_BYTES = 1 << 30
+# data.pkl is read whole into memory; a larger one is refused before reading.
+MAX_PICKLE_BYTES = 1 << 30
 
 
 def open_archive(f) -> _native.Archive:
@@ -67,6 +69,34 @@ def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
             f"CRC-32 mismatch in record '{name}': stored 0x{info['crc32']:08x}, computed 0x{zlib.crc32(data):08x}"
         )
     return data
+
+
+def check_version(archive: _native.Archive) -> None:
+    """Refuses archives without torch.save's version record, or of a version torch does not read."""
+    name = ".data/version" if ".data/version" in archive else "version"
+    if name not in archive:
+        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
+    text = read_record(archive, name).decode("ascii", "replace").strip()
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
+
+
+def read_data_pickle(archive: _native.Archive) -> bytes:
+    """data.pkl, CRC-checked; refused before reading when over MAX_PICKLE_BYTES."""
+    size = archive.record("data.pkl")["size"]
+    if size > MAX_PICKLE_BYTES:
+        raise LimitError(f"data.pkl is {size} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
+    return read_record(archive, "data.pkl")
+
+
+def byteorder_record(archive: _native.Archive) -> bytes | None:
+    """b"little" or b"big" from the 'byteorder' record; None when there is none (old files)."""
+    if "byteorder" not in archive:
+        return None
+    mark = read_record(archive, "byteorder")
+    if mark not in (b"little", b"big"):
+        raise ValueError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+    return mark
 
 
 @dataclasses.dataclass

@@ -14,11 +14,9 @@ from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native
 from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
-from fastckpt.archive import open_archive, read_record
-from fastckpt.errors import LimitError, RecordError, UnpicklingError
+from fastckpt.archive import byteorder_record, check_version, open_archive, read_data_pickle, read_record
+from fastckpt.errors import RecordError, UnpicklingError
 
-# data.pkl is read whole into memory; a larger one is refused before reading.
-MAX_PICKLE_BYTES = 1 << 30
 _ZIP_MAGIC = b"PK\x03\x04"
 _TRUE_VALUES = ("1", "y", "yes", "true")
 DOCS_MESSAGE = (  # as torch.load appends it (a local there)
@@ -157,20 +155,9 @@ class _StorageSource:
             self._finished = True
 
 
-def _check_version(archive) -> None:
-    name = ".data/version" if ".data/version" in archive else "version"
-    if name not in archive:
-        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
-    text = read_record(archive, name).decode("ascii", "replace").strip()
-    if not text.isdigit() or not 1 <= int(text) <= 10:
-        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
-
-
 def _byteorder(archive) -> bytes | None:
-    if "byteorder" in archive:
-        mark = read_record(archive, "byteorder")
-        if mark not in (b"little", b"big"):
-            raise ValueError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+    mark = byteorder_record(archive)
+    if mark is not None:
         return mark
     from torch.serialization import LoadEndianness, get_default_load_endianness
 
@@ -216,11 +203,8 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
 
 
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
-    _check_version(archive)
-    pickle_info = archive.record("data.pkl")
-    if pickle_info["size"] > MAX_PICKLE_BYTES:
-        raise LimitError(f"data.pkl is {pickle_info['size']} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
-    data_pickle = read_record(archive, "data.pkl")  # CRC-checked
+    check_version(archive)
+    data_pickle = read_data_pickle(archive)  # CRC-checked
 
     meta = torch.serialization._is_meta_location(map_location)
     byteswap = native_byteorder_differs(_byteorder(archive))
