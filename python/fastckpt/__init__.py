@@ -21,7 +21,7 @@ _LAZY = {
     "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
     "open": "fastckpt.reader",
     "load_sharded": "fastckpt.reader",
-    "convert": "fastckpt.convert",
+    "convert": "fastckpt.converter",
 }
 
 
