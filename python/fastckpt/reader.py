@@ -42,6 +42,10 @@ def numpy_dtype(dtype: str, key: str):
     raise TypeError(f"tensor '{key}' has dtype torch.{dtype}, which numpy cannot hold; open with framework=\"pt\"")
 
 
+def _is_ml_dtype(dtype) -> bool:
+    return dtype.num >= 256  # numpy numbers user-defined types (ml_dtypes') from 256 on
+
+
 def flatten(tree, is_tensor) -> dict:
     """{dotted path: tensor} in tree order: dict keys as str, list/tuple indices as numbers."""
     out: dict = {}
@@ -204,7 +208,7 @@ class CheckpointReader:
         import numpy as np
 
         if self._big_endian and array.dtype.itemsize > 1:
-            if array.dtype.kind in "biufc":
+            if not _is_ml_dtype(array.dtype):
                 array = array.view(array.dtype.newbyteorder(">")).astype(array.dtype)
             else:  # ml_dtypes types: swap the bit patterns
                 array = array.view(f"u{array.dtype.itemsize}").byteswap().view(array.dtype)
@@ -242,7 +246,7 @@ def _to_mlx(array, key: str):
     name = array.dtype.name
     if name == "bfloat16":
         return mx.array(np.ascontiguousarray(array).view(np.uint16)).view(mx.bfloat16)
-    if array.dtype.kind not in "biufc":
+    if _is_ml_dtype(array.dtype):
         raise TypeError(f"tensor '{key}' has dtype {name}, which mlx cannot hold")
     return mx.array(array)
 
