@@ -95,5 +95,6 @@ class ReadJob {
 
 void register_archive(py::module_& m);
 void register_unpickler(py::module_& m);
+void register_reader(py::module_& m);
 
 }  // namespace fastckpt::bindings

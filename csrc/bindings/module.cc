@@ -66,4 +66,5 @@ PYBIND11_MODULE(_core, m) {
 
   bindings::register_archive(m);
   bindings::register_unpickler(m);
+  bindings::register_reader(m);
 }

@@ -2,8 +2,9 @@
 //
 // Policy (what a global resolves to, what NEWOBJ and BUILD may touch) lives in
 // Python, in fastckpt/_unpickle.py, behind the `ctx` object; this file does the
-// per-opcode work that must be fast: containers, strings, numbers, storages
-// and the tensors made by torch._utils._rebuild_tensor_v2/_v3. Storages are
+// per-opcode work that must be fast: storages and the tensors made by
+// torch._utils._rebuild_tensor_v2/_v3 (containers, strings and numbers come
+// from ValueBuilder, shared with the torch-free reader). Storages are
 // kept lazy (a slot, not a Python object) until something other than a fast
 // tensor rebuild needs them, so a tensor costs one call into torch.
 //
@@ -17,6 +18,7 @@
 
 #include "bindings/common.h"
 #include "bindings/dlpack_tensor.h"
+#include "bindings/value_builder.h"
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
@@ -94,33 +96,6 @@ LazyRef::~LazyRef() {
 
 constexpr uint32_t kMaxLazyNesting = 8;
 
-[[noreturn]] void unsafe(const std::string& what) { fail(ErrorKind::UnsafeGlobal, what); }
-
-std::string type_name(py::handle obj) {
-  return py::str(py::type::handle_of(obj)).cast<std::string>();
-}
-
-int64_t as_int64(py::handle v, const char* what) {
-  if (!PyLong_CheckExact(v.ptr()) && !PyBool_Check(v.ptr()))
-    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not an int");
-  int overflow = 0;
-  long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-  if (overflow != 0) fail(ErrorKind::Metadata, std::string("tensor ") + what + " does not fit in 64 bits");
-  return x;
-}
-
-// Fills `out` (reused across tensors to spare an allocation each).
-void as_int64_list(py::handle v, const char* what, std::vector<int64_t>& out) {
-  if (!PyTuple_Check(v.ptr()))  // torch.Size is a tuple subclass
-    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not a tuple");
-  Py_ssize_t n = PyTuple_GET_SIZE(v.ptr());
-  if (n > static_cast<Py_ssize_t>(kMaxTensorDims))
-    fail(ErrorKind::Metadata, "tensor has " + std::to_string(n) + " dimensions (at most " +
-                                  std::to_string(kMaxTensorDims) + " are accepted)");
-  out.resize(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = as_int64(PyTuple_GET_ITEM(v.ptr(), i), what);
-}
-
 // Where storages come from in the fast path.
 struct StorageSource {
   std::shared_ptr<Archive> archive;
@@ -130,7 +105,7 @@ struct StorageSource {
   std::unordered_map<const ZipRecord*, size_t> job_index;  // record -> its index in the job
 };
 
-class PyBuilder {
+class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
  public:
   using Value = PyValue;
 
@@ -165,80 +140,11 @@ class PyBuilder {
     name_untyped_storage_ = py::str("untyped_storage");
     name_requires_grad_ = py::str("requires_grad_");
     name_backward_hooks_ = py::str("_backward_hooks");
-    name_append_ = py::str("append");
-    name_add_ = py::str("add");
     frombuffer_kwnames_ = py::make_tuple("dtype", "count", "offset");
     empty_kwnames_ = py::make_tuple("dtype");
   }
 
-  // ---- scalars and strings ------------------------------------------------
-  Value none() { return plain(py::none()); }
-  Value boolean(bool v) { return plain(py::bool_(v)); }
-  Value integer(int64_t v) { return plain(steal(PyLong_FromLongLong(v))); }
-  Value big_integer(const uint8_t* le, size_t n) {
-    if (n == 0) return integer(0);
-    if (n <= 8) {
-      uint64_t u = 0;
-      for (size_t i = n; i-- > 0;) u = (u << 8) | le[i];
-      if (n < 8 && (le[n - 1] & 0x80)) u |= ~uint64_t{0} << (8 * n);  // sign-extend
-      return integer(static_cast<int64_t>(u));
-    }
-    py::bytes raw(reinterpret_cast<const char*>(le), n);
-    return plain(py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(&PyLong_Type))
-                     .attr("from_bytes")(raw, "little", py::arg("signed") = true));
-  }
-  Value decimal_integer(std::string_view text) {
-    std::string s(text);
-    PyObject* v = PyLong_FromString(s.c_str(), nullptr, 10);
-    if (v == nullptr) python_value_error("bad integer literal");
-    return plain(steal(v));
-  }
-  Value floating(double d) { return plain(steal(PyFloat_FromDouble(d))); }
-  Value float_text(std::string_view text) {
-    PyObject* decoded = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "strict");
-    if (decoded == nullptr) python_value_error("bad float literal");
-    py::object s = steal(decoded);
-    PyObject* v = PyFloat_FromString(s.ptr());
-    if (v == nullptr) python_value_error("bad float literal");
-    return plain(steal(v));
-  }
-  Value unicode(std::string_view utf8) {
-    // surrogatepass, as pickle and torch's unpickler decode BINUNICODE
-    PyObject* v = PyUnicode_DecodeUTF8(utf8.data(), static_cast<Py_ssize_t>(utf8.size()), "surrogatepass");
-    if (v == nullptr) python_value_error("string is not valid UTF-8");
-    return plain(steal(v));
-  }
-  Value unicode_raw_escape(std::string_view s) {
-    PyObject* v = PyUnicode_DecodeRawUnicodeEscape(s.data(), static_cast<Py_ssize_t>(s.size()), nullptr);
-    if (v == nullptr) python_value_error("bad UNICODE literal");
-    return plain(steal(v));
-  }
-  Value byte_string(std::string_view s) {
-    py::bytes raw(s.data(), s.size());
-    if (encoding_ == "bytes") return plain(raw);
-    PyObject* v = PyUnicode_FromEncodedObject(raw.ptr(), encoding_.c_str(), "strict");
-    if (v == nullptr) python_value_error("string cannot be decoded as " + encoding_);
-    return plain(steal(v));
-  }
-  Value string_literal(std::string_view quoted) {
-    if (quoted.size() < 2 || quoted.front() != quoted.back() || (quoted.front() != '\'' && quoted.front() != '"'))
-      fail(ErrorKind::Unpickling, "malformed pickle: STRING literal is not quoted");
-    quoted = quoted.substr(1, quoted.size() - 2);
-    py::object decoded;
-    try {
-      decoded = py::module_::import("codecs").attr("escape_decode")(py::bytes(quoted.data(), quoted.size()))[py::int_(0)];
-    } catch (py::error_already_set&) {
-      python_value_error("bad STRING literal");
-    }
-    std::string_view raw = PyBytes_AS_STRING(decoded.ptr());
-    return byte_string(std::string_view(raw.data(), static_cast<size_t>(PyBytes_GET_SIZE(decoded.ptr()))));
-  }
-  Value bytes(std::string_view s) { return plain(py::bytes(s.data(), s.size())); }
-  Value bytearray(std::string_view s) {
-    return plain(steal(PyByteArray_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()))));
-  }
-
-  // ---- containers --------------------------------------------------------
+  // A tuple holding a lazy storage stays lazy, so a rebuild call can take the slot.
   Value tuple(Value* items, size_t n) {
     uint32_t depth = 0, slots = 0;
     bool any_lazy = false;
@@ -259,80 +165,10 @@ class PyBuilder {
       }
       return Value{py::object(), std::move(node), depth + 1, false, slots};
     }
-    PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
-    if (t == nullptr) throw py::error_already_set();
-    for (size_t i = 0; i < n; ++i) PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), items[i].obj.release().ptr());
-    return Value{steal(t), LazyRef(), depth + 1, false, slots};
+    Value v = ValueBuilder::tuple(items, n);
+    v.slots = slots;
+    return v;
   }
-  Value list(Value* items, size_t n) {
-    Value l{steal(PyList_New(0)), LazyRef(), 1, false, kReachesAllSlots};
-    list_extend(l, items, n);
-    return l;
-  }
-  void list_extend(Value& list, Value* items, size_t n) {
-    const bool exact = list.obj.ptr() != nullptr && PyList_CheckExact(list.obj.ptr());
-    // torch's texts: APPEND "append to", APPENDS "extend" (one item is the former)
-    if (!exact && !permissive_)
-      unsafe(std::string(n == 1 ? "Can only append to lists" : "Can only extend lists") + ", but got " + type_repr(list));
-    if (!exact) ready(list);  // its own append() runs
-    for (size_t i = 0; i < n; ++i) {
-      py::object item = materialize(items[i]);
-      if (!exact) {
-        ready(items[i]);
-        call_method(materialize(list), name_append_, {item.ptr()});
-      } else if (PyList_Append(list.obj.ptr(), item.ptr()) != 0) {
-        throw py::error_already_set();
-      }
-      list.depth = std::max(list.depth, items[i].depth + 1);
-    }
-  }
-  Value dict(Value* kv, size_t pairs) {
-    Value d{steal(PyDict_New()), LazyRef(), 1, false, kReachesAllSlots};
-    dict_set(d, kv, pairs);
-    return d;
-  }
-  void dict_set(Value& d, Value* kv, size_t pairs) {
-    PyObject* target = d.obj.ptr();
-    const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
-    if (!exact_dict && !permissive_ && !is_settable_mapping(target))
-      unsafe(std::string("Can only ") + (pairs == 1 ? "SETITEM" : "SETITEMS") +
-             " for dict, collections.OrderedDict, collections.Counter, but got " + type_repr(d));
-    if (!exact_dict) ready(d);  // a mapping's own __setitem__ may run
-    for (size_t i = 0; i < pairs; ++i) {
-      PyObject* key = materialize(kv[2 * i]).ptr();
-      PyObject* value = materialize(kv[2 * i + 1]).ptr();
-      if (!exact_dict) {
-        ready(kv[2 * i]);
-        ready(kv[2 * i + 1]);
-      }
-      int rc = exact_dict ? PyDict_SetItem(target, key, value) : PyObject_SetItem(target, key, value);
-      if (rc != 0) python_value_error("cannot set a dict item");
-      d.depth = std::max(d.depth, std::max(kv[2 * i].depth, kv[2 * i + 1].depth) + 1);
-    }
-  }
-  Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false, kReachesAllSlots}; }
-  void set_add(Value& s, Value* items, size_t n) {
-    const bool exact = s.obj.ptr() != nullptr && PySet_CheckExact(s.obj.ptr());
-    if (!exact && !permissive_) unsafe("Can only add items to sets, but got " + type_repr(s));
-    if (!exact) ready(s);
-    for (size_t i = 0; i < n; ++i) {
-      py::object item = materialize(items[i]);
-      if (!exact) {
-        ready(items[i]);
-        call_method(materialize(s), name_add_, {item.ptr()});
-      } else if (PySet_Add(s.obj.ptr(), item.ptr()) != 0) {
-        python_value_error("cannot add a set item");
-      }
-      s.depth = std::max(s.depth, items[i].depth + 1);
-    }
-  }
-  Value frozenset(Value* items, size_t n) {
-    Value s = empty_set();
-    set_add(s, items, n);
-    return Value{steal(PyFrozenSet_New(s.obj.ptr())), LazyRef(), s.depth, false, kReachesAllSlots};
-  }
-  uint32_t depth(const Value& v) const { return v.depth; }
-
   // ---- globals and calls -------------------------------------------------
   Value global(std::string_view module, std::string_view name) {
     std::string key;
@@ -479,18 +315,15 @@ class PyBuilder {
   }
 
  private:
+  friend class ValueBuilder<PyBuilder, PyValue>;  // calls plain, materialize, describe, is_settable_mapping
+
   struct DtypeInfo {
     py::object dtype;
     uint32_t itemsize;
   };
 
-  static py::object steal(PyObject* p) {
-    if (p == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(p);
-  }
   static Value plain(py::object o) { return Value{std::move(o), LazyRef(), 0, false}; }
-  static bool is_exact_str(const Value& v) { return v.obj.ptr() != nullptr && PyUnicode_CheckExact(v.obj.ptr()); }
-
+  static void made_mutable(Value& v) { v.slots = kReachesAllSlots; }
   // Bytes reach Python code only once read and checked: waits for the records
   // of the slots `v` may reach (in slot order, each at most once per load).
   void ready(const Value& v) {
@@ -500,78 +333,6 @@ class PyBuilder {
       const StorageSlot& slot = slots_[ready_slots_];
       if (slot.job_record != SIZE_MAX) source_->job->wait_record(slot.job_record);
     }
-  }
-
-  // The nesting cap counted on the finished graph: depth is tracked as values
-  // are built, but a list memoized, linked into its parent and only then
-  // filled (through a memo GET) deepens its parent unseen. Iterative, shared
-  // containers visited once; a reference back into a container being walked
-  // (a cycle) adds nothing.
-  void check_linked_depth(py::handle root, uint32_t max_depth) {
-    struct Frame {
-      PyObject* obj;
-      py::object items;  // the container's children as a list or tuple
-      Py_ssize_t next;
-      uint32_t height;
-    };
-    std::unordered_map<PyObject*, uint32_t> heights;  // finished containers; 0 = being walked
-    std::vector<Frame> stack;
-    auto children = [](PyObject* o) -> py::object {
-      if (PyList_Check(o) || PyTuple_Check(o)) return py::reinterpret_borrow<py::object>(o);
-      if (PyDict_Check(o)) {
-        py::list kv;
-        PyObject *k, *v;
-        Py_ssize_t pos = 0;
-        while (PyDict_Next(o, &pos, &k, &v)) {
-          kv.append(k);
-          kv.append(v);
-        }
-        return std::move(kv);
-      }
-      if (PyAnySet_Check(o)) return steal(PySequence_List(o));
-      return py::object();
-    };
-    auto enter = [&](PyObject* o) -> uint32_t {  // height if known now, else pushes a frame
-      auto it = heights.find(o);
-      if (it != heights.end()) return it->second;
-      py::object items = children(o);
-      if (!items) return 0;
-      heights.emplace(o, 0);
-      stack.push_back({o, std::move(items), 0, 1});
-      if (stack.size() > max_depth)
-        fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
-      return UINT32_MAX;
-    };
-    enter(root.ptr());
-    while (!stack.empty()) {
-      Frame& f = stack.back();
-      PyObject* items = f.items.ptr();
-      const Py_ssize_t n = PyList_Check(items) ? PyList_GET_SIZE(items) : PyTuple_GET_SIZE(items);
-      if (f.next == n) {
-        heights[f.obj] = f.height;
-        const uint32_t h = f.height;
-        stack.pop_back();
-        if (!stack.empty()) stack.back().height = std::max(stack.back().height, h + 1);
-        continue;
-      }
-      PyObject* child = PyList_Check(items) ? PyList_GET_ITEM(items, f.next) : PyTuple_GET_ITEM(items, f.next);
-      ++f.next;
-      const uint32_t h = enter(child);  // may reallocate `stack`: `f` is not used after this
-      if (h == UINT32_MAX) continue;
-      if (stack.size() + h > max_depth)  // a subtree walked before, now reached deeper
-        fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
-      stack.back().height = std::max(stack.back().height, h + 1);
-    }
-  }
-
-  // Turns the pending Python exception into an UnpicklingError that keeps its text.
-  [[noreturn]] static void python_value_error(const std::string& what) {
-    std::string detail;
-    if (PyErr_Occurred()) {
-      py::error_already_set e;
-      detail = std::string(": ") + e.what();
-    }
-    fail(ErrorKind::Unpickling, "malformed pickle: " + what + detail);
   }
 
   // torch.save names storages "0", "1", ...: those index a vector (bounded by
@@ -635,20 +396,11 @@ class PyBuilder {
     throw py::error_already_set();
   }
 
-  py::object materialize_str(std::string_view s) {
-    PyObject* v = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
-    if (v == nullptr) python_value_error("global name is not valid UTF-8");
-    return steal(v);
-  }
-
   bool is_checked_callable(const py::object& f) const {
     for (const py::object& c : checked_callables_)
       if (c.is(f)) return true;
     return false;
   }
-
-  // str(type(v)), as torch's messages print it: "<class 'list'>".
-  std::string type_repr(Value& v) { return py::str(py::type::handle_of(materialize(v))).cast<std::string>(); }
 
   std::string describe(const Value& v) {
     if (v.obj.ptr() == nullptr) return v.lazy->slot ? "a storage" : "a tuple";
@@ -841,24 +593,14 @@ class PyBuilder {
     PyObject* args[] = {source_->buffer.ptr(), dtype.ptr(), n.ptr(), o.ptr()};
     return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
   }
-  py::object call_method(py::handle self, const py::str& name, std::initializer_list<PyObject*> args = {}) {
-    PyObject* argv[5] = {self.ptr()};
-    size_t n = 1;
-    for (PyObject* a : args) argv[n++] = a;
-    return steal(PyObject_VectorcallMethod(name.ptr(), argv, n | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
-  }
-
   py::object ctx_;
   std::optional<StorageSource> source_;
-  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_, name_append_, name_add_;
-  // weights_only=False: any callable, any container, the file's own errors.
-  bool permissive_ = false;
+  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
   py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
   std::vector<py::object> checked_callables_;  // weights_only: REDUCE on these goes through ctx.reduce
-  std::string encoding_;
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> numbered_slots_;
   std::vector<const ZipRecord*> numbered_records_;

@@ -19,11 +19,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "fastckpt.loader",
     "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
+    "open": "fastckpt.reader",
+    "load_sharded": "fastckpt.reader",
+    "convert": "fastckpt.converter",
 }
 
 
 def __getattr__(name):
-    # torch is imported on first use of the loader, not by `import fastckpt`.
+    # torch is imported on first use of the loader, not by `import fastckpt`
+    # (fastckpt.open, load_sharded's index reading and convert never import it).
     if name in _LAZY:
         import importlib
 
@@ -40,7 +44,10 @@ __all__ = [
     "UnpicklingError",
     "UnsafeGlobalError",
     "get_unsafe_globals_in_checkpoint",
+    "convert",
     "load",
+    "load_sharded",
+    "open",
     "open_archive",
     "patch",
     "patched",

@@ -8,5 +8,6 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32,
     crc32_combine,
     crc32_implementation,
+    read_tree,
     unpickle,
 )

@@ -12,6 +12,8 @@ from fastckpt.errors import FormatError, IntegrityError, LimitError, RecordError
 # A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
 # never beyond this many bytes nor beyond what its header declares.
 MAX_INFLATED_BYTES = 1 << 30
+# data.pkl is read whole into memory; a larger one is refused before reading.
+MAX_PICKLE_BYTES = 1 << 30
 
 
 def open_archive(f) -> _native.Archive:
@@ -76,6 +78,42 @@ def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
             f"CRC-32 mismatch in record '{name}': stored 0x{info['crc32']:08x}, computed 0x{zlib.crc32(data):08x}"
         )
     return data
+
+
+def check_version(archive: _native.Archive) -> None:
+    """Refuses archives without torch.save's version record, or of a version torch does not read."""
+    name = ".data/version" if ".data/version" in archive else "version"
+    if name not in archive:
+        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
+    text = read_record(archive, name).decode("ascii", "replace").strip()
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
+
+
+def read_data_pickle(archive: _native.Archive) -> bytes:
+    """data.pkl, CRC-checked; refused before reading when over MAX_PICKLE_BYTES."""
+    size = archive.record("data.pkl")["size"]
+    if size > MAX_PICKLE_BYTES:
+        raise LimitError(f"data.pkl is {size} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
+    return read_record(archive, "data.pkl")
+
+
+def byteorder_record(archive: _native.Archive) -> bytes | None:
+    """b"little" or b"big" from the 'byteorder' record; None when there is none (old files)."""
+    if "byteorder" not in archive:
+        return None
+    mark = read_record(archive, "byteorder")
+    if mark not in (b"little", b"big"):  # torch raises ValueError with this text
+        raise RecordError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+    return mark
+
+
+def check_storage_alignment(archive: _native.Archive) -> None:
+    """torch.save writes `config.save.storage_alignment` (any positive integer) as decimal text."""
+    if ".storage_alignment" in archive:
+        text = read_record(archive, ".storage_alignment")
+        if not (text.isdigit() and int(text) > 0):
+            raise RecordError(f"record '.storage_alignment' holds {text[:32]!r}, not a positive decimal integer")
 
 
 @dataclasses.dataclass

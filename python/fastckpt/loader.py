@@ -15,11 +15,9 @@ from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native
 from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
-from fastckpt.archive import open_archive, read_record
-from fastckpt.errors import CheckpointError, FormatError, IntegrityError, LimitError, MetadataError, RecordError, UnpicklingError
+from fastckpt.archive import byteorder_record, check_storage_alignment, check_version, open_archive, read_data_pickle, read_record
+from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, RecordError, UnpicklingError
 
-# data.pkl is read whole into memory; a larger one is refused before reading.
-MAX_PICKLE_BYTES = 1 << 30
 _ZIP_MAGIC = b"PK\x03\x04"
 _TRUE_VALUES = ("1", "y", "yes", "true")
 DOCS_MESSAGE = (  # as torch.load appends it (a local there)
@@ -199,28 +197,9 @@ class _StorageSource:
             self._finished = True
 
 
-def _check_version(archive) -> None:
-    name = ".data/version" if ".data/version" in archive else "version"
-    if name not in archive:
-        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
-    text = read_record(archive, name).decode("ascii", "replace").strip()
-    if not text.isdigit() or not 1 <= int(text) <= 10:
-        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
-
-
-def _check_storage_alignment(archive) -> None:
-    """torch.save writes `config.save.storage_alignment` (any positive integer) as decimal text."""
-    if ".storage_alignment" in archive:
-        text = read_record(archive, ".storage_alignment")
-        if not (text.isdigit() and int(text) > 0):
-            raise RecordError(f"record '.storage_alignment' holds {text[:32]!r}, not a positive decimal integer")
-
-
 def _byteorder(archive) -> bytes | None:
-    if "byteorder" in archive:
-        mark = read_record(archive, "byteorder")
-        if mark not in (b"little", b"big"):  # torch raises ValueError with this text
-            raise RecordError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+    mark = byteorder_record(archive)
+    if mark is not None:
         return mark
     from torch.serialization import LoadEndianness, get_default_load_endianness
 
@@ -266,12 +245,9 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
 
 
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
-    _check_version(archive)
-    _check_storage_alignment(archive)
-    pickle_info = archive.record("data.pkl")
-    if pickle_info["size"] > MAX_PICKLE_BYTES:
-        raise LimitError(f"data.pkl is {pickle_info['size']} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
-    data_pickle = read_record(archive, "data.pkl")  # CRC-checked
+    check_version(archive)
+    check_storage_alignment(archive)
+    data_pickle = read_data_pickle(archive)  # CRC-checked
 
     meta = torch.serialization._is_meta_location(map_location)
     byteswap = native_byteorder_differs(_byteorder(archive))
