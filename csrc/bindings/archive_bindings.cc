@@ -74,6 +74,34 @@ py::dict record_dict(const ZipRecord& r) {
   return d;
 }
 
+// Maps (via `map`, which may throw std::system_error) and indexes a file with
+// the GIL released; OS errors become OSError naming `name`.
+template <class Map>
+std::shared_ptr<Archive> index_file(Map map, const std::string& name) {
+  std::shared_ptr<MappedFile> file;
+  int os_error = 0;
+  {
+    py::gil_scoped_release release;
+    try {
+      file = map();
+    } catch (const std::system_error& e) {
+      os_error = e.code().value();
+    }
+  }
+  if (os_error != 0) raise_os_error(os_error, name);
+  py::gil_scoped_release release;
+  // Header reads touch a few bytes each: no readahead of the data.
+  file->advise(Advice::Random);
+  ZipIndex index = ZipIndex::parse(file->data(), file->size());
+  // Reading the headers mapped whole page-cache folios around them (large
+  // folios can be 2 MiB); unmap them so an eager load, which reads with
+  // pread, does not carry them in its RSS. Nothing has been written to the
+  // private mapping yet, so nothing is lost.
+  file->advise(Advice::DontNeed);
+  file->advise(Advice::Normal);
+  return std::make_shared<Archive>(Archive{std::move(file), std::move(index)});
+}
+
 }  // namespace
 
 ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
@@ -205,30 +233,17 @@ void register_archive(py::module_& m) {
       .def_static(
           "open",
           [](const std::string& path) {
-            std::shared_ptr<MappedFile> file;
-            int os_error = 0;
-            {
-              py::gil_scoped_release release;
-              try {
-                file = MappedFile::open(path);
-              } catch (const std::system_error& e) {
-                os_error = e.code().value();
-              }
-            }
-            if (os_error != 0) raise_os_error(os_error, path);
-            py::gil_scoped_release release;
-            // Header reads touch a few bytes each: no readahead of the data.
-            file->advise(Advice::Random);
-            ZipIndex index = ZipIndex::parse(file->data(), file->size());
-            // Reading the headers mapped whole page-cache folios around them
-            // (large folios can be 2 MiB); unmap them so an eager load, which
-            // reads with pread, does not carry them in its RSS. Nothing has
-            // been written to the private mapping yet, so nothing is lost.
-            file->advise(Advice::DontNeed);
-            file->advise(Advice::Normal);
-            return std::make_shared<Archive>(Archive{std::move(file), std::move(index)});
+            return index_file([&] { return MappedFile::open(path); }, path);
           },
           py::arg("path"), "Map the file at `path` and index it (GIL released).")
+      .def_static(
+          "open_fd",
+          [](int fd, uint64_t start, const std::string& name) {
+            return index_file([&] { return MappedFile::open_fd(fd, start, name); }, name);
+          },
+          py::arg("fd"), py::arg("start"), py::arg("name"),
+          "Map the regular file open as descriptor `fd` (duplicated) from byte `start` on, and index it "
+          "(GIL released): a file object's checkpoint, read like a path's.")
       .def_static(
           "from_buffer",
           [](const ByteView& bytes) {

@@ -127,7 +127,7 @@ Plan make_plan(const MappedFile& file, const std::vector<CopyTask>& tasks) {
 void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offset) {
   while (n > 0) {
     const size_t want = static_cast<size_t>(std::min(n, kMaxReadBytes));
-    const ssize_t got = ::pread(file.fd(), out, want, static_cast<off_t>(offset));
+    const ssize_t got = ::pread(file.fd(), out, want, static_cast<off_t>(file.file_offset() + offset));
     if (got < 0) {
       if (errno == EINTR) continue;
       throw std::system_error(errno, std::generic_category(), "pread " + file.path());

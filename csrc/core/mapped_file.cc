@@ -30,6 +30,16 @@ int to_madvise(Advice advice) {
 std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw_errno(path);
+  return map_descriptor(fd, 0, path);
+}
+
+std::shared_ptr<MappedFile> MappedFile::open_fd(int fd, uint64_t start, const std::string& name) {
+  int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) throw_errno(name);
+  return map_descriptor(own, start, name);
+}
+
+std::shared_ptr<MappedFile> MappedFile::map_descriptor(int fd, uint64_t start, const std::string& path) {
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     int saved = errno;
@@ -37,7 +47,7 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
     errno = saved;
     throw_errno(path);
   }
-  if (!S_ISREG(st.st_mode)) {
+  if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) < start) {
     ::close(fd);
     errno = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
     throw_errno(path);
@@ -56,14 +66,18 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
     }
     data = static_cast<uint8_t*>(p);
   }
-  return std::shared_ptr<MappedFile>(new MappedFile(data, size, fd, path));
+  // SAFETY: start <= size (checked above).
+  return std::shared_ptr<MappedFile>(
+      new MappedFile(data == nullptr ? nullptr : data + start, size - static_cast<size_t>(start), fd, path, start));
 }
 
 std::shared_ptr<MappedFile> MappedFile::shared_view(const MappedFile& file) {
   if (file.fd_ < 0 || file.size_ == 0) return nullptr;
-  void* p = ::mmap(nullptr, file.size_, PROT_READ, MAP_SHARED, file.fd_, 0);
+  const size_t whole = file.size_ + static_cast<size_t>(file.start_);
+  void* p = ::mmap(nullptr, whole, PROT_READ, MAP_SHARED, file.fd_, 0);
   if (p == MAP_FAILED) throw_errno(file.path_);
-  return std::shared_ptr<MappedFile>(new MappedFile(static_cast<uint8_t*>(p), file.size_, -1, file.path_));
+  return std::shared_ptr<MappedFile>(
+      new MappedFile(static_cast<uint8_t*>(p) + file.start_, file.size_, -1, file.path_, file.start_));
 }
 
 std::shared_ptr<MappedFile> MappedFile::anonymous(size_t size) {
@@ -77,17 +91,18 @@ std::shared_ptr<MappedFile> MappedFile::anonymous(size_t size) {
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(data_, size_);
+  if (data_ != nullptr) ::munmap(data_ - start_, size_ + static_cast<size_t>(start_));
   if (fd_ >= 0) ::close(fd_);
 }
 
 void MappedFile::advise(Advice advice, size_t offset, size_t length) const noexcept {
   if (data_ == nullptr || offset >= size_) return;
   if (length > size_ - offset) length = size_ - offset;
-  // madvise wants a page-aligned start: widen the range down to the page.
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-  const size_t start = offset - offset % page;
-  ::madvise(data_ + start, length + (offset - start), to_madvise(advice));
+  // madvise wants a page-aligned address: widen the range down to the page.
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data_ + offset);
+  const uintptr_t aligned = begin & ~(page - 1);
+  ::madvise(reinterpret_cast<void*>(aligned), length + (begin - aligned), to_madvise(advice));
 }
 
 }  // namespace fastckpt

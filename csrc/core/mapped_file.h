@@ -19,6 +19,12 @@ class MappedFile {
   // Throws std::system_error (errno) on OS failures.
   static std::shared_ptr<MappedFile> open(const std::string& path);
 
+  // The same over an open descriptor (duplicated, so the caller keeps its
+  // own), from byte `start` of the file on: data()[0] is the file's byte
+  // `start` (a file object's current position). Throws std::system_error
+  // (EINVAL when it is not a regular file or start lies past its end).
+  static std::shared_ptr<MappedFile> open_fd(int fd, uint64_t start, const std::string& name);
+
   // A fresh read-only MAP_SHARED mapping of `file`'s descriptor: the file's own
   // bytes (the page cache), never private writes made through other mappings.
   // Owns no descriptor, so copies from it read memory. nullptr for anonymous
@@ -37,8 +43,10 @@ class MappedFile {
   uint8_t* mutable_data() noexcept { return data_; }
   size_t size() const noexcept { return size_; }
   // The descriptor the mapping was made from (-1 for anonymous memory); kept
-  // open so eager reads can pread(2) without touching the mapping.
+  // open so eager reads can pread(2) without touching the mapping. Byte i of
+  // data() is byte file_offset() + i of the file.
   int fd() const noexcept { return fd_; }
+  uint64_t file_offset() const noexcept { return start_; }
   const std::string& path() const noexcept { return path_; }
 
   // madvise(2) over [offset, offset+length) clipped to the mapping; advice is
@@ -46,13 +54,16 @@ class MappedFile {
   void advise(Advice advice, size_t offset = 0, size_t length = SIZE_MAX) const noexcept;
 
  private:
-  MappedFile(uint8_t* data, size_t size, int fd, std::string path)
-      : data_(data), size_(size), fd_(fd), path_(std::move(path)) {}
+  MappedFile(uint8_t* data, size_t size, int fd, std::string path, uint64_t start = 0)
+      : data_(data), size_(size), fd_(fd), path_(std::move(path)), start_(start) {}
+  // Maps all of `fd` (owned from here on) and exposes it from `start` on.
+  static std::shared_ptr<MappedFile> map_descriptor(int fd, uint64_t start, const std::string& path);
 
-  uint8_t* data_;
-  size_t size_;
+  uint8_t* data_;   // the mapping + start_
+  size_t size_;     // bytes from start_ to the end of the file
   int fd_;
   std::string path_;
+  uint64_t start_;
 };
 
 }  // namespace fastckpt

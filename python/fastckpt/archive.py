@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import stat
 import zlib
 
 from fastckpt import _native
@@ -20,6 +22,12 @@ def open_archive(f) -> _native.Archive:
     """Index the checkpoint at path `f`, or in file-like `f` from its current position."""
     if isinstance(f, (str, os.PathLike)):
         return _native.Archive.open(os.fspath(f))
+    if type(f) in (io.FileIO, io.BufferedReader, io.BufferedRandom) and _is_regular(f):
+        # A file opened by open(): map its descriptor from the current position, as a path is
+        # mapped (no whole-file read into memory; eager loads pread straight into storages).
+        if f.writable():
+            f.flush()
+        return _native.Archive.open_fd(f.fileno(), f.tell(), getattr(f, "name", "<file object>").__str__())
     start = f.tell()
     f.seek(0, os.SEEK_END)
     end = f.tell()  # not seek's return value: some file views return another position there
@@ -27,6 +35,13 @@ def open_archive(f) -> _native.Archive:
     buffer = _native.allocate(max(end - start, 0))
     _read_exactly(f, memoryview(buffer))
     return _native.Archive.from_buffer(buffer)
+
+
+def _is_regular(f) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _read_exactly(f, view: memoryview) -> None:
