@@ -44,6 +44,34 @@ def _fastckpt_load(weights_only: bool, mmap: bool):
     return make
 
 
+def _from_file_object(module: str):
+    """An eager weights_only load from an open file (what Lightning does on every resume)."""
+
+    def make(path: str, device: str):
+        load = getattr(importlib.import_module(module), "load")
+        location = None if device == "cpu" else device
+
+        def run():
+            with open(path, "rb") as f:
+                return load(f, map_location=location, weights_only=True)
+
+        return run
+
+    return make
+
+
+def _second_load(make_first):
+    """The second eager load in one process: the first (untimed, freed) warms the allocator, as a
+    training job reloading checkpoints does."""
+
+    def make(path: str, device: str):
+        load = make_first(path, device)
+        load()  # freed before the clock starts
+        return load
+
+    return make
+
+
 def _safetensors_load_file(path: str, device: str):
     from safetensors.torch import load_file
 
@@ -91,6 +119,14 @@ CONTENDERS = {
                   ("fastckpt", "load")),
         Contender("fastckpt-pickle", "fastckpt.load wo=F mmap=F", "fastckpt", "pt", False,
                   _fastckpt_load(False, False), ("fastckpt", "load")),
+        Contender("torch-fileobj", "torch.load(open file) mmap=F", "torch", "pt", False, _from_file_object("torch"),
+                  ("torch", None)),
+        Contender("fastckpt-fileobj", "fastckpt.load(open file) mmap=F", "fastckpt", "pt", False,
+                  _from_file_object("fastckpt"), ("fastckpt", "load")),
+        Contender("torch-again", "torch.load mmap=F, 2nd in process", "torch", "pt", False,
+                  _second_load(_torch_load(True, False)), ("torch", None)),
+        Contender("fastckpt-again", "fastckpt.load mmap=F, 2nd in process", "fastckpt", "pt", False,
+                  _second_load(_fastckpt_load(True, False)), ("fastckpt", "load")),
     )
 }
 BASELINE = "torch"  # every contender's time is also shown relative to the default torch.load
