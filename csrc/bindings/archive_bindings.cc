@@ -17,34 +17,6 @@
 namespace fastckpt::bindings {
 namespace {
 
-std::string where(const ZipRecord& r) {
-  return "record '" + r.name + "' (data at offset " + std::to_string(r.data_offset) + ")";
-}
-
-enum class CrcStatus { Ok, Mismatch, Unrecorded };
-
-const char* status_name(CrcStatus s) {
-  switch (s) {
-    case CrcStatus::Ok: return "ok";
-    case CrcStatus::Mismatch: return "mismatch";
-    case CrcStatus::Unrecorded: return "unrecorded";
-  }
-  return "?";
-}
-
-CrcStatus judge(const ZipRecord& r, uint32_t actual) {
-  // torch.save(compute_crc32=False) writes 0: "not recorded", not corruption.
-  if (r.crc32 == 0 && r.size != 0) return CrcStatus::Unrecorded;
-  return r.crc32 == actual ? CrcStatus::Ok : CrcStatus::Mismatch;
-}
-
-[[noreturn]] void crc_failure(const ZipRecord& r, uint32_t actual) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "stored 0x%08x, computed 0x%08x", r.crc32, actual);
-  fail(ErrorKind::Integrity, "CRC-32 mismatch in " + where(r) + ": " + buf +
-                                 "; the file is corrupted (run `fastckpt verify` for a full report)");
-}
-
 // Runs `tasks` with the GIL released and returns their CRCs.
 std::vector<CopyResult> copies_without_gil(const Archive& a, const std::vector<CopyTask>& tasks,
                                            unsigned threads) {
@@ -104,97 +76,6 @@ std::shared_ptr<Archive> index_file(Map map, const std::string& name) {
 
 }  // namespace
 
-ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
-                 unsigned threads)
-    : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc),
-      done_(records_.size(), 0), crcs_(records_.size(), 0) {
-  uint64_t total = 0;
-  offsets_.reserve(records_.size());
-  for (const ZipRecord* r : records_) {
-    archive_->stored_view(*r);  // validates method and bounds before sizing anything
-    total = (total + 63) & ~uint64_t{63};  // 64-byte aligned, like torch's allocator
-    offsets_.push_back(total);
-    if (!checked_add(total, r->size, &total)) fail(ErrorKind::Limit, "records too large");
-  }
-  // Bounded by the file: every record lies inside it (checked above) and
-  // records do not overlap, so total <= file size + 64 per record.
-  arena_ = MappedFile::anonymous(static_cast<size_t>(total));
-  std::vector<CopyTask> tasks;
-  tasks.reserve(records_.size());
-  for (size_t i = 0; i < records_.size(); ++i)
-    tasks.push_back({records_[i]->data_offset, records_[i]->size, arena_->mutable_data() + offsets_[i], check_crc_});
-  worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
-    std::exception_ptr error;
-    try {
-      run_copies(*archive_->file, tasks, threads, [this](size_t i, uint32_t crc) { record_done(i, crc); });
-    } catch (...) {
-      error = std::current_exception();
-    }
-    std::lock_guard<std::mutex> lock(mutex_);
-    finished_ = true;
-    error_ = error;
-    changed_.notify_all();
-  });
-}
-
-ReadJob::~ReadJob() {
-  if (worker_.joinable()) {
-    py::gil_scoped_release release;
-    worker_.join();
-  }
-}
-
-void ReadJob::record_done(size_t i, uint32_t crc) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  done_[i] = 1;
-  crcs_[i] = crc;
-  changed_.notify_all();
-}
-
-void ReadJob::check(size_t i) const {
-  if (check_crc_ && judge(*records_[i], crcs_[i]) == CrcStatus::Mismatch) crc_failure(*records_[i], crcs_[i]);
-}
-
-void ReadJob::wait_record(size_t i) {
-  if (i >= records_.size()) throw std::out_of_range("ReadJob::wait_record");
-  {
-    py::gil_scoped_release release;
-    std::unique_lock<std::mutex> lock(mutex_);
-    changed_.wait(lock, [&] { return done_[i] != 0 || finished_; });
-  }
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!done_[i]) {
-    if (error_) std::rethrow_exception(error_);
-    fail(ErrorKind::Record, "record '" + records_[i]->name + "' was not read");
-  }
-  check(i);
-}
-
-void ReadJob::wait() {
-  if (worker_.joinable()) {
-    py::gil_scoped_release release;
-    worker_.join();
-  }
-  if (error_) std::rethrow_exception(error_);
-  for (size_t i = 0; i < records_.size(); ++i) check(i);
-}
-
-const ZipRecord& Archive::record(const std::string& name) const {
-  const ZipRecord* r = index.find(name);
-  if (r == nullptr) fail(ErrorKind::Record, "record '" + name + "' not found in the archive");
-  return *r;
-}
-
-ByteView Archive::stored_view(const ZipRecord& r) const {
-  if (r.method != 0)
-    fail(ErrorKind::Record, where(r) + " is compressed (method " + std::to_string(r.method) +
-                                ") and cannot be viewed in place");
-  if (r.compressed_size != r.size || !range_within(r.data_offset, r.size, file->size()))
-    fail(ErrorKind::Record, where(r) + " does not lie within the file");
-  // SAFETY: data_offset + size was checked against the mapping's size above.
-  return {file, file->mutable_data() + r.data_offset, static_cast<size_t>(r.size)};
-}
-
 void register_archive(py::module_& m) {
   // The core reports OS failures (mapping, pread, threads) as
   // std::system_error; they reach Python as OSError, never RuntimeError.
@@ -224,10 +105,24 @@ void register_archive(py::module_& m) {
       },
       py::arg("size"), "Zero-filled writable memory to read a file-like object into.");
 
-  py::class_<ReadJob>(m, "ReadJob")
-      .def_property_readonly("buffer", &ReadJob::buffer)
-      .def_property_readonly("offsets", &ReadJob::offsets)
-      .def("wait", &ReadJob::wait, "Wait for the reads; raises IntegrityError on a CRC mismatch.");
+  py::class_<ReadJob, ReadJobHolder>(m, "ReadJob")
+      .def(
+          "view",
+          [](const ReadJob& job, size_t i) {
+            const std::shared_ptr<MappedFile>& memory = job.memory(i);
+            if (!memory) return ByteView{MappedFile::anonymous(0), nullptr, 0};
+            return ByteView{memory, memory->mutable_data(), memory->size()};
+          },
+          py::arg("i"), "The memory record i is read into (complete once wait_record(i) returned).")
+      .def("wait_record", [](ReadJob& job, size_t i) { wait_record(job, i); }, py::arg("i"),
+           "Wait for record i (GIL released); raises IntegrityError on its CRC mismatch.")
+      .def(
+          "wait",
+          [](ReadJob& job) {
+            py::gil_scoped_release release;
+            job.wait();
+          },
+          "Wait for every record (GIL released); raises IntegrityError on a CRC mismatch.");
 
   py::class_<Archive, std::shared_ptr<Archive>>(m, "Archive")
       .def_static(
@@ -280,7 +175,7 @@ void register_archive(py::module_& m) {
         return a.index.find(name) != nullptr;
       })
       .def("record", [](const Archive& a, const std::string& name) { return record_dict(a.record(name)); })
-      .def("view", [](const Archive& a, const std::string& name) { return a.stored_view(a.record(name)); },
+      .def("view", [](const Archive& a, const std::string& name) { return stored_view(a, a.record(name)); },
            py::arg("name"), "Zero-copy writable view of a stored record (copy-on-write for files).")
       .def("whole", [](const Archive& a) { return ByteView{a.file, a.file->mutable_data(), a.file->size()}; },
            "Zero-copy view of the whole archive.")
@@ -288,14 +183,14 @@ void register_archive(py::module_& m) {
           "read",
           [](const Archive& a, const std::string& name, bool check_crc) {
             const ZipRecord& r = a.record(name);
-            ByteView v = a.stored_view(r);
+            ByteView v = stored_view(a, r);
             if (check_crc) {
               uint32_t actual;
               {
                 py::gil_scoped_release release;
                 actual = crc32(0, v.data, v.size);
               }
-              if (judge(r, actual) == CrcStatus::Mismatch) crc_failure(r, actual);
+              fastckpt::check_crc(r, actual);
             }
             return py::bytes(reinterpret_cast<const char*>(v.data), v.size);
           },
@@ -305,7 +200,7 @@ void register_archive(py::module_& m) {
           [](const Archive& a, const std::string& name) {
             const ZipRecord& r = a.record(name);
             if (!range_within(r.data_offset, r.compressed_size, a.file->size()))
-              fail(ErrorKind::Record, where(r) + " does not lie within the file");
+              fail(ErrorKind::Record, describe_record(r) + " does not lie within the file");
             // SAFETY: the range was checked against the mapping just above.
             return ByteView{a.file, a.file->mutable_data() + r.data_offset,
                             static_cast<size_t>(r.compressed_size)};
@@ -315,16 +210,15 @@ void register_archive(py::module_& m) {
           "read_into",
           [](const Archive& a, const std::string& name, py::buffer dest, bool check_crc, unsigned threads) {
             const ZipRecord& r = a.record(name);
-            a.stored_view(r);
+            a.stored_data(r);
             BorrowedBuffer out(dest, /*writable=*/true);
             if (out.size() != r.size)
-              fail(ErrorKind::Record, where(r) + " holds " + std::to_string(r.size) +
+              fail(ErrorKind::Record, describe_record(r) + " holds " + std::to_string(r.size) +
                                           " bytes but the destination has " + std::to_string(out.size()));
             auto results = copies_without_gil(a, {{r.data_offset, r.size, out.data(), check_crc}}, threads);
             if (!check_crc) return std::string("unchecked");
-            CrcStatus s = judge(r, results[0].crc32);
-            if (s == CrcStatus::Mismatch) crc_failure(r, results[0].crc32);
-            return std::string(status_name(s));
+            fastckpt::check_crc(r, results[0].crc32);
+            return std::string(crc_status_name(judge_crc(r, results[0].crc32)));
           },
           py::arg("name"), py::arg("dest"), py::arg("check_crc") = true, py::arg("threads") = 0,
           "Copy a stored record into a writable buffer of exactly its size (GIL released).")
@@ -335,10 +229,10 @@ void register_archive(py::module_& m) {
             std::vector<const ZipRecord*> records;
             records.reserve(names.size());
             for (const std::string& n : names) records.push_back(&a->record(n));
-            return std::make_unique<ReadJob>(a, std::move(records), check_crc, threads);
+            return ReadJobHolder(new ReadJob(a, std::move(records), check_crc, threads));
           },
           py::arg("names"), py::arg("check_crc") = true, py::arg("threads") = 0,
-          "Start reading records into one owned arena on worker threads.")
+          "Start reading records, each into memory of its own, on worker threads.")
       .def(
           "verify",
           [](const Archive& a, std::optional<std::vector<std::string>> names, unsigned threads) {
@@ -379,7 +273,7 @@ void register_archive(py::module_& m) {
                 d["computed"] = py::none();
               } else {
                 uint32_t actual = results[k++].crc32;
-                d["status"] = status_name(judge(r, actual));
+                d["status"] = crc_status_name(judge_crc(r, actual));
                 d["computed"] = actual;
               }
               out.append(d);

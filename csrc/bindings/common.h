@@ -4,17 +4,13 @@
 
 #include <pybind11/pybind11.h>
 
-#include <condition_variable>
-#include <exception>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <string>
 #include <vector>
 
-#include "core/copy_engine.h"
+#include "core/archive.h"
 #include "core/mapped_file.h"
-#include "core/zip_index.h"
+#include "core/read_job.h"
 
 namespace fastckpt::bindings {
 
@@ -25,8 +21,8 @@ namespace py = pybind11;
 // memoryview, a torch tensor from torch.frombuffer) references it.
 struct ByteView {
   std::shared_ptr<MappedFile> owner;
-  uint8_t* data;
-  size_t size;
+  uint8_t* data = nullptr;
+  size_t size = 0;
 };
 
 // A contiguous buffer borrowed from a Python object for the duration of a call.
@@ -41,57 +37,26 @@ struct BorrowedBuffer {
   size_t size() const { return static_cast<size_t>(view.len); }
 };
 
-// An opened archive: the bytes plus their validated index.
-struct Archive {
-  std::shared_ptr<MappedFile> file;
-  ZipIndex index;
+// The data of a stored record as a view that keeps the archive's memory alive;
+// throws Error(Record) unless it is stored and inside the file.
+inline ByteView stored_view(const Archive& a, const ZipRecord& r) {
+  return {a.file, a.stored_data(r), static_cast<size_t>(r.size)};
+}
 
-  const ZipRecord& record(const std::string& name) const;  // throws RecordError
-  // The data of a stored record, checked to lie within the file and to have
-  // compressed_size == size; throws RecordError otherwise.
-  ByteView stored_view(const ZipRecord& record) const;
+// Destroys a ReadJob (which joins its reader) with the GIL released.
+struct ReadJobDeleter {
+  void operator()(ReadJob* job) const {
+    py::gil_scoped_release release;
+    delete job;
+  }
 };
+using ReadJobHolder = std::unique_ptr<ReadJob, ReadJobDeleter>;
 
-// The eager read of many records into one arena, running on a background
-// thread so the caller can unpickle meanwhile. Completion is tracked per
-// record: wait_record(i) returns as soon as record i is in the arena and
-// checked, while the others are still being read.
-class ReadJob {
- public:
-  ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
-          unsigned threads);
-  ~ReadJob();  // joins the reader (GIL released)
-  ReadJob(const ReadJob&) = delete;
-  ReadJob& operator=(const ReadJob&) = delete;
-
-  ByteView buffer() const { return {arena_, arena_->mutable_data(), arena_->size()}; }
-  const std::vector<const ZipRecord*>& records() const { return records_; }
-  const std::vector<uint64_t>& offsets() const { return offsets_; }  // of records() in buffer()
-
-  // Waits (GIL released) until records()[i] is complete; rethrows the job's
-  // failure, raises IntegrityError if its CRC does not match. Requires the GIL.
-  void wait_record(size_t i);
-  // Waits for every record, then raises IntegrityError for the first whose
-  // CRC does not match. Requires the GIL.
-  void wait();
-
- private:
-  void record_done(size_t i, uint32_t crc);  // on a worker thread
-  void check(size_t i) const;
-
-  std::shared_ptr<Archive> archive_;
-  std::vector<const ZipRecord*> records_;
-  bool check_crc_;
-  std::vector<uint64_t> offsets_;
-  std::shared_ptr<MappedFile> arena_;
-  std::mutex mutex_;  // guards done_, crcs_, finished_, error_
-  std::condition_variable changed_;
-  std::vector<uint8_t> done_;
-  std::vector<uint32_t> crcs_;
-  bool finished_ = false;
-  std::exception_ptr error_;
-  std::thread worker_;
-};
+// ReadJob::wait_record with the GIL released. Requires the GIL.
+inline void wait_record(ReadJob& job, size_t i) {
+  py::gil_scoped_release release;
+  job.wait_record(i);
+}
 
 void register_archive(py::module_& m);
 void register_unpickler(py::module_& m);

@@ -165,7 +165,7 @@ class ReaderBuilder : public ValueBuilder<ReaderBuilder, ReaderValue> {
       fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
                                   " bytes but its storage needs " + std::to_string(nbytes) + " (" + std::to_string(n) +
                                   " elements of " + std::to_string(f->itemsize) + " bytes)");
-    archive_->stored_view(record);  // stored (not deflated) and inside the file
+    archive_->stored_data(record);  // stored (not deflated) and inside the file
     py::object info = storage_info_(key, f->dtype, nbytes, record.name, record.data_offset, record.crc32, location);
     storage_facts_.emplace(info.ptr(), StorageFacts{nbytes, f->dtype, f->bits});
     storages_.emplace(std::move(key_str), info);

@@ -28,12 +28,14 @@
 namespace fastckpt::bindings {
 namespace {
 
-// A storage record as it will be seen by tensors: where its bytes are in the
-// source buffer, and the Python objects made for it so far.
+// A storage record as it will be seen by tensors: where its bytes are (in the
+// mapping, or in their own memory of the read job), and the Python objects
+// made for it so far.
 struct StorageSlot {
-  uint64_t source_offset = 0;
+  ByteView bytes;
   size_t job_record = SIZE_MAX;  // eager loads: its record's index in the read job
   uint64_t nbytes = 0;
+  py::object buffer;      // a memoryview of `bytes`, made on first need
   py::object dtype;       // from the first persistent id naming this key
   uint32_t itemsize = 1;
   py::object first_tensor;  // the tensor made over the whole storage, if any
@@ -99,8 +101,6 @@ constexpr uint32_t kMaxLazyNesting = 8;
 // Where storages come from in the fast path.
 struct StorageSource {
   std::shared_ptr<Archive> archive;
-  ByteView bytes;                                      // the mapping, or the eager arena
-  py::object buffer;                                   // a memoryview of `bytes`
   ReadJob* job = nullptr;                              // eager reads still arriving; null: mmap
   std::unordered_map<const ZipRecord*, size_t> job_index;  // record -> its index in the job
 };
@@ -140,7 +140,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     name_untyped_storage_ = py::str("untyped_storage");
     name_requires_grad_ = py::str("requires_grad_");
     name_backward_hooks_ = py::str("_backward_hooks");
-    frombuffer_kwnames_ = py::make_tuple("dtype", "count", "offset");
+    frombuffer_kwnames_ = py::make_tuple("dtype", "count");
     empty_kwnames_ = py::make_tuple("dtype");
   }
 
@@ -291,15 +291,15 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     slot.dtype = info.dtype;
     slot.itemsize = info.itemsize;
     if (source_->job == nullptr) {
-      source_->archive->stored_view(record);  // stored, inside the file
-      slot.source_offset = record.data_offset;
+      slot.bytes = stored_view(*source_->archive, record);  // stored, inside the file
     } else {
       auto at = source_->job_index.find(&record);
       if (at == source_->job_index.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
       slot.job_record = at->second;
-      slot.source_offset = source_->job->offsets()[at->second];
+      const std::shared_ptr<MappedFile>& memory = source_->job->memory(at->second);
+      slot.bytes = ByteView{memory, memory ? memory->mutable_data() : nullptr, memory ? memory->size() : 0};
     }
-    if (!range_within(slot.source_offset, slot.nbytes, source_->bytes.size))
+    if (slot.bytes.size != slot.nbytes)
       fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");
     LazyRef node(new Lazy());
     node->slot = &slot;
@@ -331,7 +331,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     const size_t upto = v.slots == kReachesAllSlots ? slots_.size() : v.slots;
     for (; ready_slots_ < upto; ++ready_slots_) {
       const StorageSlot& slot = slots_[ready_slots_];
-      if (slot.job_record != SIZE_MAX) source_->job->wait_record(slot.job_record);
+      if (slot.job_record != SIZE_MAX) wait_record(*source_->job, slot.job_record);
     }
   }
 
@@ -477,10 +477,10 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
         // grown by a later set_ to a size from the file).
         DLDataType u8{1, 8, 1};
         std::vector<int64_t> shape{0}, strides{1};
-        py::capsule capsule = dlpack_capsule(source_->bytes.owner, nullptr, u8, shape, strides);  // data_ptr 0, as torch's
+        py::capsule capsule = dlpack_capsule(source_->archive->file, nullptr, u8, shape, strides);  // data_ptr 0, as torch's
         slot.untyped = call_method(steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr())), name_untyped_storage_);
       } else {
-        slot.untyped = call_method(frombuffer(uint8_, slot.nbytes, slot.source_offset), name_untyped_storage_);
+        slot.untyped = call_method(frombuffer(slot, uint8_, slot.nbytes), name_untyped_storage_);
       }
     }
     return slot.untyped;
@@ -564,18 +564,18 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       // The common case: the first tensor over its storage covers it whole.
       // One torch call makes both, over the bytes in place, shaped.
       contiguous_strides(size, contiguous_);
-      // SAFETY: the slot's [source_offset, +nbytes) was checked against the
+      // SAFETY: the slot's bytes were checked to hold nbytes when it was made (inside the file, or its own memory),
       // source bytes when the slot was made, and the tensor (numel * itemsize
       // == nbytes, contiguous from offset 0) covers exactly that range; the
       // capsule holds the owner until torch frees the tensor.
-      py::capsule capsule = dlpack_capsule(source_->bytes.owner, source_->bytes.data + slot.source_offset, *dl, size,
+      py::capsule capsule = dlpack_capsule(slot.bytes.owner, slot.bytes.data, *dl, size,
                                            contiguous_);
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));
       slot.first_tensor = tensor;
     } else if (!slot.untyped && !slot.first_tensor && slot.nbytes != 0 && offset == 0 &&
                numel * itemsize == slot.nbytes && size.size() == 1 && is_contiguous(size, stride)) {
       // Same, for dtypes DLPack cannot name.
-      tensor = frombuffer(dtype, numel, slot.source_offset);
+      tensor = frombuffer(slot, dtype, numel);
       slot.first_tensor = tensor;
     } else {
       PyObject* args[] = {empty_shape_.ptr(), dtype.ptr()};
@@ -587,10 +587,11 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     return tensor;
   }
 
-  // torch.frombuffer(buffer, dtype=, count=, offset=) without building a kwargs dict.
-  py::object frombuffer(py::handle dtype, uint64_t count, uint64_t offset) {
-    py::object n = steal(PyLong_FromUnsignedLongLong(count)), o = steal(PyLong_FromUnsignedLongLong(offset));
-    PyObject* args[] = {source_->buffer.ptr(), dtype.ptr(), n.ptr(), o.ptr()};
+  // torch.frombuffer(the slot's bytes, dtype=, count=) without building a kwargs dict.
+  py::object frombuffer(StorageSlot& slot, py::handle dtype, uint64_t count) {
+    if (!slot.buffer) slot.buffer = steal(PyMemoryView_FromObject(py::cast(slot.bytes).ptr()));
+    py::object n = steal(PyLong_FromUnsignedLongLong(count));
+    PyObject* args[] = {slot.buffer.ptr(), dtype.ptr(), n.ptr()};
     return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
   }
   py::object ctx_;
@@ -623,16 +624,12 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
 void register_unpickler(py::module_& m) {
   m.def(
       "unpickle",
-      [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, py::object source,
-         ReadJob* eager) {
+      [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, ReadJob* eager) {
         BorrowedBuffer data(pickle, /*writable=*/false);
         std::optional<StorageSource> storage_source;
         if (archive) {
           StorageSource s;
           s.archive = archive;
-          s.bytes = source.cast<ByteView>();
-          s.buffer = py::reinterpret_steal<py::object>(PyMemoryView_FromObject(source.ptr()));
-          if (!s.buffer) throw py::error_already_set();
           if (eager != nullptr) {
             s.job = eager;
             s.job_index.reserve(eager->records().size());
@@ -646,11 +643,10 @@ void register_unpickler(py::module_& m) {
         PyValue result = machine.run(data.data(), data.size());
         return builder.finish(result, limits.max_depth);
       },
-      py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("source") = py::none(),
-      py::arg("eager") = nullptr,
-      "Run the restricted pickle machine over `pickle`. With `archive` and `source` (a ByteView of the "
-      "archive, or the buffer of the eager ReadJob `eager`), storages of CPU tensors are made "
-      "natively; otherwise `ctx.persistent_load` makes them.");
+      py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("eager") = nullptr,
+      "Run the restricted pickle machine over `pickle`. With `archive`, storages of CPU tensors are made "
+      "natively: views of its mapping, or with `eager` (its ReadJob) the memory each record is read into; "
+      "otherwise `ctx.persistent_load` makes them.");
 }
 
 }  // namespace fastckpt::bindings

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
+#include <string>
 #include <system_error>
 
 namespace fastckpt {
@@ -80,6 +82,18 @@ std::shared_ptr<MappedFile> MappedFile::shared_view(const MappedFile& file) {
       new MappedFile(static_cast<uint8_t*>(p) + file.start_, file.size_, -1, file.path_, file.start_));
 }
 
+std::shared_ptr<MappedFile> MappedFile::heap(size_t size) {
+  void* p = nullptr;
+  const int rc = ::posix_memalign(&p, 64, size);
+  if (rc != 0) {
+    errno = rc;
+    throw_errno("allocating " + std::to_string(size) + " bytes");
+  }
+  std::shared_ptr<MappedFile> m(new MappedFile(static_cast<uint8_t*>(p), size, -1, std::string()));
+  m->heap_ = true;
+  return m;
+}
+
 std::shared_ptr<MappedFile> MappedFile::anonymous(size_t size) {
   uint8_t* data = nullptr;
   if (size > 0) {
@@ -91,12 +105,15 @@ std::shared_ptr<MappedFile> MappedFile::anonymous(size_t size) {
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(data_ - start_, size_ + static_cast<size_t>(start_));
+  if (heap_)
+    std::free(data_);
+  else if (data_ != nullptr)
+    ::munmap(data_ - start_, size_ + static_cast<size_t>(start_));
   if (fd_ >= 0) ::close(fd_);
 }
 
 void MappedFile::advise(Advice advice, size_t offset, size_t length) const noexcept {
-  if (data_ == nullptr || offset >= size_) return;
+  if (heap_ || data_ == nullptr || offset >= size_) return;  // widened to pages, heap advice would hit neighbours
   if (length > size_ - offset) length = size_ - offset;
   // madvise wants a page-aligned address: widen the range down to the page.
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));

@@ -31,6 +31,11 @@ class MappedFile {
   // memory or an empty file.
   static std::shared_ptr<MappedFile> shared_view(const MappedFile& file);
 
+  // Uninitialised, writable heap memory of `size` (> 0) bytes, 64-byte
+  // aligned (as torch's CPU allocator's), for the caller to fill. From
+  // malloc's heap, so the pages of a freed one serve the next.
+  static std::shared_ptr<MappedFile> heap(size_t size);
+
   // Zero-filled, writable anonymous memory of `size` bytes; the caller fills it
   // (e.g. Python's readinto) before indexing it.
   static std::shared_ptr<MappedFile> anonymous(size_t size);
@@ -64,6 +69,7 @@ class MappedFile {
   int fd_;
   std::string path_;
   uint64_t start_;
+  bool heap_ = false;  // free(3)d, not munmap(2)ped
 };
 
 }  // namespace fastckpt

@@ -154,24 +154,24 @@ def _storage_from_buffer(buffer, offset: int, nbytes: int):
 
 
 class _StorageSource:
-    """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read."""
+    """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read into
+    memory of each record's own."""
 
     def __init__(self, archive, *, mmap: bool, threads: int, check_crc: bool):
         self.archive = archive
         self.job = None
         self._finished = False
-        self._arena_offset: dict[str, int] | None = None
         # Deflated records (a re-zipped checkpoint): inflated under a cap, CRC-checked.
         self.inflated = {
             name: memoryview(bytearray(read_record(archive, name, check_crc)))
             for name in ([] if mmap else archive.names("data/", 8))
         }
         if mmap:
-            self.bytes = archive.whole()
+            self.mapping = memoryview(archive.whole())
         else:
-            self.job = archive.read_records_async(archive.names("data/", 0), check_crc, threads)
-            self.bytes = self.job.buffer
-        self.buffer = memoryview(self.bytes)
+            names = archive.names("data/", 0)
+            self.job = archive.read_records_async(names, check_crc, threads)
+            self._job_index = {name: i for i, name in enumerate(names)}
 
     def __call__(self, name: str, nbytes: int):
         record = self.archive.record(name)
@@ -182,13 +182,12 @@ class _StorageSource:
         if self.job is None:
             if record["method"] != 0:
                 raise RecordError(f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)")
-            return _storage_from_buffer(self.buffer, record["data_offset"], nbytes)
+            return _storage_from_buffer(self.mapping, record["data_offset"], nbytes)
         # Whoever asked (a byte swap, a device copy, a map_location callable)
-        # reads the bytes now: the parallel read must have finished.
-        self.finish()
-        if self._arena_offset is None:
-            self._arena_offset = dict(zip(self.archive.names("data/", 0), self.job.offsets))
-        return _storage_from_buffer(self.buffer, self._arena_offset[name], nbytes)
+        # reads the bytes now: wait for this record.
+        i = self._job_index[name]
+        self.job.wait_record(i)
+        return _storage_from_buffer(memoryview(self.job.view(i)), 0, nbytes)
 
     def finish(self):
         """Waits for the eager reads; raises IntegrityError on a CRC mismatch."""
@@ -218,7 +217,7 @@ def _unpickle_natively(data_pickle: bytes, ctx, archive, source):
     try:
         if source is None:
             return _native.unpickle(data_pickle, ctx)
-        return _native.unpickle(data_pickle, ctx, archive, source.bytes, source.job)
+        return _native.unpickle(data_pickle, ctx, archive, source.job)
     except UnpicklingError as e:
         if isinstance(ctx, WeightsOnlyContext):
             raise type(e)(_weights_only_message(str(e))) from None

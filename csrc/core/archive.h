@@ -1,0 +1,37 @@
+// An opened checkpoint: its bytes (a mapping, or a buffer a file object was
+// read into) with their strict zip index, and the CRC verdict rule.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/mapped_file.h"
+#include "core/zip_index.h"
+
+namespace fastckpt {
+
+enum class CrcStatus { Ok, Mismatch, Unrecorded };
+
+// The one rule for a record's stored CRC-32 against the bytes' (loads, reads
+// and verify all use it): torch.save(compute_crc32=False) writes 0, which
+// means "not recorded", not corruption.
+CrcStatus judge_crc(const ZipRecord& r, uint32_t actual) noexcept;
+const char* crc_status_name(CrcStatus s) noexcept;
+// Throws Error(Integrity) when the verdict is Mismatch.
+void check_crc(const ZipRecord& r, uint32_t actual);
+
+// "record 'name' (data at offset N)", for messages.
+std::string describe_record(const ZipRecord& r);
+
+struct Archive {
+  std::shared_ptr<MappedFile> file;
+  ZipIndex index;
+
+  const ZipRecord& record(const std::string& name) const;  // throws Error(Record)
+  // The data of a stored record, checked to lie within the file and to have
+  // compressed_size == size; throws Error(Record) otherwise.
+  uint8_t* stored_data(const ZipRecord& r) const;
+};
+
+}  // namespace fastckpt
