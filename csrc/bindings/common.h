@@ -79,7 +79,12 @@ class ReadJob {
   std::thread worker_;
 };
 
+// Sets OSError(code, strerror, filename): Python picks the subclass
+// (FileNotFoundError, IsADirectoryError...) from the code. Requires the GIL.
+[[noreturn]] void raise_os_error(int code, const std::string& filename);
+
 void register_archive(py::module_& m);
 void register_unpickler(py::module_& m);
+void register_writer(py::module_& m);
 
 }  // namespace fastckpt::bindings

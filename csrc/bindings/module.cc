@@ -34,7 +34,7 @@ void translate(const Error& e) {
 PYBIND11_MODULE(_core, m) {
   namespace py = pybind11;
   using namespace fastckpt;
-  m.doc() = "fastckpt native core: strict zip index, mmap, CRC-32, restricted unpickler";
+  m.doc() = "fastckpt native core: strict zip index, mmap, CRC-32, restricted unpickler, zip writer";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -58,4 +58,5 @@ PYBIND11_MODULE(_core, m) {
 
   bindings::register_archive(m);
   bindings::register_unpickler(m);
+  bindings::register_writer(m);
 }

@@ -5,28 +5,24 @@
 // memory faults at a few GB/s per core: first-touch is what parallelism buys);
 // runs of small tasks are batched so a checkpoint of thousands of tiny tensors
 // costs a handful of work units and, for files, a handful of pread(2) calls.
-// Workers pull units from an atomic counter; the caller's thread is one of
-// them. Chunk CRCs are merged afterwards with crc32_combine.
+// Units run on the shared work pool (core/work_pool.h); chunk CRCs are
+// merged afterwards with crc32_combine.
 #include "core/copy_engine.h"
 
-#include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstring>
-#include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <system_error>
-#include <thread>
 
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
+#include "core/work_pool.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14
@@ -142,46 +138,34 @@ void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offse
 
 class Runner {
  public:
-  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan)
+  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan, unsigned workers)
       : file_(file), tasks_(tasks), plan_(plan), results_(tasks.size()),
-        chunk_crc_(plan.units.size(), 0) {}
+        chunk_crc_(plan.units.size(), 0), scratch_(workers == 0 ? 1 : workers) {}
 
-  // Pulls units until none is left or a worker failed. Never throws: the
-  // first failure is kept for the caller.
-  void work() noexcept {
-    try {
-      std::unique_ptr<uint8_t[]> scratch;  // allocated on first use, left uninitialised
-      while (!failed_.load(std::memory_order_relaxed)) {
-        const size_t u = next_unit_.fetch_add(1, std::memory_order_relaxed);
-        if (u >= plan_.units.size()) break;
-        const Unit& unit = plan_.units[u];
-        if (unit.chunk) {
-          const CopyTask& t = tasks_[unit.first_task];
-          if (t.destination != nullptr) {
-            chunk_crc_[u] = copy(t, unit.chunk_offset, unit.chunk_length);
-          } else if (file_.fd() >= 0) {
-            if (!scratch) scratch.reset(new uint8_t[kSpanBytes]);
-            chunk_crc_[u] = crc_of_file(t.source_offset + unit.chunk_offset, unit.chunk_length, scratch.get());
-          } else {
-            chunk_crc_[u] = crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
-                                  static_cast<size_t>(unit.chunk_length));
-          }
-        } else {
-          if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
-          run_batch(unit, scratch.get());
-        }
+  // Runs one unit on `worker`'s thread.
+  void run_unit(size_t u, unsigned worker) {
+    std::unique_ptr<uint8_t[]>& scratch = scratch_[worker];  // allocated on first use, left uninitialised
+    const Unit& unit = plan_.units[u];
+    if (unit.chunk) {
+      const CopyTask& t = tasks_[unit.first_task];
+      if (t.destination != nullptr) {
+        chunk_crc_[u] = copy(t, unit.chunk_offset, unit.chunk_length);
+      } else if (file_.fd() >= 0) {
+        if (!scratch) scratch.reset(new uint8_t[kSpanBytes]);
+        chunk_crc_[u] = crc_of_file(t.source_offset + unit.chunk_offset, unit.chunk_length, scratch.get());
+      } else {
+        chunk_crc_[u] = crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
+                              static_cast<size_t>(unit.chunk_length));
       }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex_);
-      if (!error_) error_ = std::current_exception();
-      failed_.store(true, std::memory_order_relaxed);
+    } else {
+      if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
+      run_batch(unit, scratch.get());
     }
   }
 
-  // After every worker has joined: rethrows a worker's failure, or merges
-  // the chunk CRCs (chunks of a task are consecutive units, in order).
+  // After every worker has joined: merges the chunk CRCs (chunks of a task
+  // are consecutive units, in order).
   std::vector<CopyResult> take_results() {
-    if (error_) std::rethrow_exception(error_);
     for (size_t u = 0; u < plan_.units.size(); ++u) {
       const Unit& unit = plan_.units[u];
       if (!unit.chunk || !tasks_[unit.first_task].compute_crc) continue;
@@ -269,25 +253,10 @@ class Runner {
   // Each element is written by the one worker that owns its task or unit.
   std::vector<CopyResult> results_;
   std::vector<uint32_t> chunk_crc_;
-  std::atomic<size_t> next_unit_{0};
-  std::atomic<bool> failed_{false};
-  std::mutex error_mutex_;
-  std::exception_ptr error_;
+  std::vector<std::unique_ptr<uint8_t[]>> scratch_;  // one span buffer per worker
 };
 
 }  // namespace
-
-unsigned default_thread_count() noexcept {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return static_cast<unsigned>(n);
-  }
-#endif
-  const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : n;
-}
 
 std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
                                    unsigned threads) {
@@ -306,20 +275,9 @@ std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<Cop
   uint64_t workers = std::min<uint64_t>(threads, plan.units.size());
   workers = std::min(workers, std::max<uint64_t>(1, plan.total_bytes / kBytesPerWorker));
 
-  Runner runner(file, tasks, plan);
-  std::vector<std::thread> pool;
-  if (workers > 1) {
-    pool.reserve(static_cast<size_t>(workers - 1));
-    for (uint64_t w = 1; w < workers; ++w) {
-      try {
-        pool.emplace_back([&runner] { runner.work(); });
-      } catch (const std::system_error&) {
-        break;  // no more threads to be had: the ones running finish the work
-      }
-    }
-  }
-  runner.work();
-  for (std::thread& th : pool) th.join();
+  Runner runner(file, tasks, plan, static_cast<unsigned>(workers));
+  run_units(plan.units.size(), static_cast<unsigned>(workers),
+            [&runner](size_t u, unsigned worker) { runner.run_unit(u, worker); });
   return runner.take_results();
 }
 

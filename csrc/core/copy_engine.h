@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/mapped_file.h"
+#include "core/work_pool.h"  // default_thread_count
 
 namespace fastckpt {
 
@@ -20,9 +21,6 @@ struct CopyTask {
 struct CopyResult {
   uint32_t crc32 = 0;      // valid when the task asked for it
 };
-
-// Default worker count: the number of CPUs the process may run on.
-unsigned default_thread_count() noexcept;
 
 // Runs every task, splitting large ones into chunks spread over `threads`
 // workers (0 = default_thread_count()). Files with a descriptor are read with

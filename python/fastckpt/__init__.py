@@ -19,11 +19,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "fastckpt.loader",
     "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
+    "save": "fastckpt.writer",
 }
 
 
 def __getattr__(name):
-    # torch is imported on first use of the loader, not by `import fastckpt`.
+    # torch is imported on first use of the loader or the writer, not by `import fastckpt`.
     if name in _LAZY:
         import importlib
 
@@ -44,6 +45,7 @@ __all__ = [
     "open_archive",
     "patch",
     "patched",
+    "save",
     "unpatch",
     "verify",
 ]

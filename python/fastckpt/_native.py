@@ -8,4 +8,5 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32_combine,
     crc32_implementation,
     unpickle,
+    write_zip,
 )

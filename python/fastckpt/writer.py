@@ -1,0 +1,237 @@
+"""``fastckpt.save``: what ``torch.save`` writes, written natively, in parallel and atomically.
+
+``data.pkl`` is pickled here with torch's persistent-id rules (torch 2.13's ``torch/serialization.py``
+``_save``); the storages go to the native writer, which lays the archive out up front and writes the
+records from several threads with their CRC-32 computed on the way. The result is the file
+``torch.save`` writes, byte for byte (see the README's "Save" section for where that holds).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import secrets
+import stat
+import sys
+
+import torch
+import torch.serialization as _ts
+
+from fastckpt import _native
+
+__all__ = ["save"]
+
+# torch's writer (caffe2 PyTorchStreamWriter) writes this version for torch.save.
+_FORMAT_VERSION_RECORD = b"3\n"
+
+
+def save(
+    obj,
+    f,
+    pickle_module=pickle,
+    pickle_protocol=_ts.DEFAULT_PROTOCOL,
+    _use_new_zipfile_serialization=True,
+    _disable_byteorder_record=False,
+    *,
+    threads=None,
+    atomic=True,
+    fsync=False,
+):
+    """Save `obj` like ``torch.save`` does, with storages written in parallel, CRC-32 included.
+
+    Takes ``torch.save``'s arguments and writes the same archive. Extra keywords:
+
+    * ``threads``: writer threads (default: the CPUs this process may use).
+    * ``atomic`` (default True): for a path, write a temporary file next to the target and rename it
+      over the target only once complete, so a failure or a kill never leaves a torn file (the
+      previous one stays). File objects are written in order, as torch does; ``atomic`` does not
+      apply to them.
+    * ``fsync``: flush the file (and, for an atomic save, its directory) to stable storage.
+
+    ``_use_new_zipfile_serialization=False`` (the legacy format) and ``torch.serialization.skip_data``
+    are handed to torch's own writer.
+    """
+    torch._C._log_api_usage_once("torch.save")
+    _ts._check_dill_version(pickle_module)
+    _ts._check_save_filelike(f)
+    if isinstance(f, (str, os.PathLike)):
+        f = os.fspath(f)
+    if not _use_new_zipfile_serialization or _ts._serialization_tls.skip_data:
+        _write_target(f, atomic, fsync, lambda target: _torch_writer(obj, target, pickle_module, pickle_protocol,
+                                                                     _use_new_zipfile_serialization,
+                                                                     _disable_byteorder_record))
+        return
+
+    from torch.utils.serialization import config
+
+    alignment = config.save.storage_alignment
+    compute_crc32 = config.save.compute_crc32
+    prefix = "archive" if not isinstance(f, str) else _archive_name(f)
+    if not isinstance(f, str):
+        _check_writable(f)
+    data_pkl, storages = _pickle(obj, pickle_module, pickle_protocol)
+    records = _records(data_pkl, storages, alignment, _disable_byteorder_record)
+
+    def write(target):
+        if isinstance(target, int):
+            _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0, f)
+        else:
+            _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0)
+            target.flush()
+
+    _write_target(f, atomic, fsync, write)
+
+
+def _torch_writer(obj, target, pickle_module, pickle_protocol, new_format, disable_byteorder):
+    """torch's own writer for what fastckpt does not write natively (the legacy format, skip_data)."""
+    if isinstance(target, int):
+        target = os.fdopen(os.dup(target), "wb")
+        with target:
+            return _torch_writer(obj, target, pickle_module, pickle_protocol, new_format, disable_byteorder)
+    if not new_format:
+        _ts._legacy_save(obj, target, pickle_module, pickle_protocol)
+        target.flush()
+        return
+    with _ts._open_zipfile_writer(target) as opened:
+        _ts._save(obj, opened, pickle_module, pickle_protocol, disable_byteorder)
+
+
+def _archive_name(path: str) -> str:
+    """The folder torch's writer puts the records in: the file name without its last extension."""
+    try:
+        path.encode("ascii")
+    except UnicodeEncodeError:
+        return "archive"  # torch writes non-ASCII paths through a Python file object
+    base = path[max(path.rfind("/"), path.rfind("\\")) + 1 :]
+    dot = base.rfind(".")
+    name = base[:dot] if dot >= 0 else base
+    if not name:
+        raise RuntimeError(f"invalid file name: {path}")
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        raise RuntimeError(f"Parent directory {parent} does not exist.")
+    return name
+
+
+def _check_writable(buffer) -> None:
+    if not callable(getattr(buffer, "write", None)):
+        msg = f"Buffer of {str(type(buffer)).strip('<>')} has no callable attribute 'write'"
+        raise (AttributeError if not hasattr(buffer, "write") else TypeError)(msg)
+
+
+def _pickle(obj, pickle_module, pickle_protocol):
+    """data.pkl and the storages it references, keyed "0", "1"... in first-pickled order."""
+    storages: dict[str, torch.UntypedStorage] = {}
+    keys: dict[int, str] = {}  # storage._cdata -> key
+    dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype: one memory may not be saved as two dtypes
+
+    def persistent_id(o):
+        if isinstance(o, torch.storage.TypedStorage):
+            storage, dtype = o._untyped_storage, o.dtype
+            storage_type, numel = getattr(torch, o._pickle_storage_type()), o._size()
+        elif torch.is_storage(o):
+            storage, dtype = o, torch.uint8
+            storage_type, numel = _ts.normalize_storage_type(type(o)), o.nbytes()
+        else:
+            return None
+        if str(storage.device) != "meta" and storage.data_ptr() != 0:
+            ptr = storage.data_ptr()
+            if dtypes.setdefault(ptr, dtype) != dtype:
+                raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
+        key = keys.setdefault(storage._cdata, str(len(keys)))
+        fake_device = getattr(o, "_fake_device", None)
+        location = str(fake_device) if fake_device is not None else _ts.location_tag(storage)
+        storages[key] = storage
+        return ("storage", storage_type, key, location, numel)
+
+    class Pickler(pickle_module.Pickler):
+        def persistent_id(self, o):
+            return persistent_id(o)
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=pickle_protocol).dump(obj)
+    return buffer.getvalue(), storages
+
+
+def _records(data_pkl: bytes, storages: dict, alignment: int, disable_byteorder: bool) -> list:
+    """Every record in torch's order: (name, bytes) or (name, (address, nbytes)) for CPU storages."""
+    if sys.byteorder not in ("little", "big"):
+        raise ValueError("Unknown endianness type: " + sys.byteorder)
+    byteorder = [("byteorder", sys.byteorder.encode())]
+    records = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(alignment).encode())]
+    if not disable_byteorder:
+        records += byteorder
+    for key, storage in storages.items():
+        if storage.device.type != "cpu":
+            storage = _to_cpu(storage)
+            storages[key] = storage  # keeps the copy alive for the write
+        records.append((f"data/{key}", (storage.data_ptr(), storage.nbytes())))
+    records.append(("version", _FORMAT_VERSION_RECORD))
+    if disable_byteorder:
+        records += byteorder  # torch's writer adds it when the caller did not
+    return records
+
+
+def _to_cpu(storage):
+    """A CPU copy of a device storage, through pinned memory when torch.save would use it."""
+    from torch.utils.serialization import config
+
+    acc = torch.accelerator.current_accelerator(check_available=True) if config.save.use_pinned_memory_for_d2h else None
+    if acc is None or acc.type != storage.device.type:
+        return storage.cpu()
+    pinned = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu", pin_memory=True).untyped_storage()
+    pinned.copy_(storage)
+    torch.accelerator.current_stream(storage.device.index).synchronize()
+    return pinned
+
+
+def _write_target(f, atomic: bool, fsync: bool, write) -> None:
+    """Calls write(fd) for a path (atomically: a temporary file renamed over `f`), write(file) otherwise."""
+    if not isinstance(f, str):
+        write(f)
+        return
+    path = os.path.realpath(f) if os.path.islink(f) else f  # replace the file a link points to, not the link
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "wb") as file:  # a device or a pipe: written in order, in place
+            write(file)
+        return
+    if not atomic:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            write(fd)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))  # the replaced file's permissions, as an in-place write keeps
+            write(fd)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
