@@ -9,6 +9,9 @@ reversible. Code that did ``from torch import load`` before :func:`patch` keeps 
 A ``torch.load`` call made *while* fastckpt is loading (fastckpt delegating a legacy or
 TorchScript file to torch, or a ``__setstate__`` run by ``weights_only=False``) goes to the
 original function, so delegation can never recurse into fastckpt.
+
+``patch(save=True)`` also replaces ``torch.save`` and ``torch.serialization.save`` with a wrapper that
+forwards to ``fastckpt.save`` (off by default; :func:`unpatch` restores them too).
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ _lock = threading.Lock()
 _saved: dict[tuple[str, str], object] = {}  # what each target held before patch()
 _wrapper = None  # the installed wrapper, None when not patched
 _inside_fastckpt = contextvars.ContextVar("fastckpt_inside_load", default=False)
+
+# torch.save, replaced only by patch(save=True); fastckpt.save never calls torch.save, so no guard.
+_SAVE_TARGETS = (("torch", "save"), ("torch.serialization", "save"))
+_saved_save: dict[tuple[str, str], object] = {}
+_save_wrapper = None
 
 
 def loader_module():
@@ -59,6 +67,38 @@ def _make_wrapper(original):
     return load
 
 
+def _make_save_wrapper(original):
+    @functools.wraps(original)
+    def save(*args, **kwargs):
+        return importlib.import_module("fastckpt.writer").save(*args, **kwargs)
+
+    save.__signature__ = inspect.signature(original)
+    save.__fastckpt_original__ = original
+    return save
+
+
+def _patch_save(mods) -> None:
+    """Requires _lock."""
+    global _save_wrapper
+    if _save_wrapper is None:
+        _saved_save.update({(m, a): getattr(mods[m], a) for m, a in _SAVE_TARGETS})
+        _save_wrapper = _make_save_wrapper(_saved_save[("torch.serialization", "save")])
+    for m, a in _SAVE_TARGETS:
+        setattr(mods[m], a, _save_wrapper)
+
+
+def _unpatch_save(mods) -> None:
+    """Requires _lock. Leaves alone an attribute someone else replaced after patching."""
+    global _save_wrapper
+    if _save_wrapper is None:
+        return
+    for m, a in _SAVE_TARGETS:
+        if getattr(mods[m], a) is _save_wrapper:
+            setattr(mods[m], a, _saved_save[(m, a)])
+    _saved_save.clear()
+    _save_wrapper = None
+
+
 def is_patched() -> bool:
     """Whether ``torch.load`` is currently fastckpt's wrapper."""
     return _wrapper is not None and _modules()["torch"].load is _wrapper
@@ -72,11 +112,16 @@ def original_load():
     return _modules()["torch.serialization"].load
 
 
-def patch() -> None:
-    """Make ``torch.load`` and ``torch.serialization.load`` call fastckpt's ``load``. Idempotent."""
+def patch(save: bool = False) -> None:
+    """Make ``torch.load`` and ``torch.serialization.load`` call fastckpt's ``load``. Idempotent.
+
+    With ``save=True``, ``torch.save`` and ``torch.serialization.save`` also call ``fastckpt.save``.
+    """
     global _wrapper
     mods = _modules()
     with _lock:
+        if save:
+            _patch_save(mods)
         if _wrapper is not None and all(getattr(mods[m], a) is _wrapper for m, a in _TARGETS):
             return
         if _wrapper is None:
@@ -88,13 +133,15 @@ def patch() -> None:
 
 
 def unpatch() -> None:
-    """Restore what ``torch.load`` / ``torch.serialization.load`` were before :func:`patch`.
+    """Restore what ``torch.load`` / ``torch.serialization.load`` (and ``torch.save`` /
+    ``torch.serialization.save`` after ``patch(save=True)``) were before :func:`patch`.
 
     An attribute someone else replaced after :func:`patch` is left as it is. No-op when not patched.
     """
     global _wrapper
     mods = _modules()
     with _lock:
+        _unpatch_save(mods)
         if _wrapper is None:
             return
         for m, a in _TARGETS:
