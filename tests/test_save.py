@@ -141,8 +141,29 @@ def model_and_optimizer() -> dict:
             "rng": torch.get_rng_state(), "epoch": 3, "params": list(model.parameters())}
 
 
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass: pickled through torch's own __reduce_ex__ (_rebuild_from_type_v2)."""
+
+
 def misc_objects() -> dict:
+    attr = torch.arange(3.0)
+    attr.note = "python state"
+    hooked = torch.ones(2, requires_grad=True)
+    hooked.register_hook(lambda g: g)
+    od_attr = collections.OrderedDict(a=1)
+    od_attr._metadata = {"": {"version": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # strided nested tensors are a prototype
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)])
     return {
+        "attr": attr,
+        "hooked": hooked,
+        "subclass": torch.arange(4.0).as_subclass(TaggedTensor),
+        "nonleaf": torch.ones(2, requires_grad=True) * 2,
+        "meta": torch.empty(3, device="meta"),
+        "nested": nested,
+        "od_empty": collections.OrderedDict(),
+        "od_attr": od_attr,
         "empty": torch.empty(0),
         "empty2d": torch.zeros(0, 5, dtype=torch.int64),
         "scalar": torch.tensor(3.5),
@@ -253,7 +274,9 @@ def test_skip_data_is_torchs():
 def test_loads_like_torch(tmp_path, kind):
     obj = OBJECTS[kind]()
     p = tmp_path / "l.pt"
-    fastckpt.save(obj, p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastckpt.save(obj, p)
     ref = torch.load(io.BytesIO(torch_bytes(obj)), weights_only=False)
     assert_same(torch.load(p, weights_only=False), ref)
     assert_same(fc_load(p, weights_only=False), ref)
@@ -304,6 +327,13 @@ def test_unpicklable_errors_are_torchs(tmp_path):
     same_error((torch.ones(2), type("W", (), {"write": 3})()))
     same_error((torch.ones(2), str(tmp_path / "missing" / "x.pt")))
     same_error((torch.ones(2), io.BytesIO()), pickle_module=type("M", (), {"__name__": "dill", "__version__": "0.2"}))
+
+
+def test_warnings_are_torchs():
+    hooked = torch.ones(2, requires_grad=True)
+    hooked.register_hook(print)
+    ref, got = call(ORIGINAL_SAVE, [hooked], io.BytesIO()), call(fastckpt.save, [hooked], io.BytesIO())
+    assert got.exc is None and got.warnings == ref.warnings and len(ref.warnings) == 1
 
 
 def test_failed_save_leaves_previous_file(tmp_path):

@@ -7,6 +7,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32,
     crc32_combine,
     crc32_implementation,
+    persistent_id_filter,
     unpickle,
     write_zip,
 )
