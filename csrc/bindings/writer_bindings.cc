@@ -77,6 +77,23 @@ PyMethodDef filter_def = {"persistent_id", filter_persistent_id, METH_O,
 
 void register_writer(py::module_& m) {
   m.def(
+      "replace_file",
+      [](const std::string& temporary, const std::string& target) {
+        int error = 0;
+        {
+          py::gil_scoped_release release;
+          try {
+            replace_file(temporary, target);
+          } catch (const std::system_error& e) {
+            error = e.code().value();
+          }
+        }
+        if (error != 0) raise_os_error(error, target);
+      },
+      py::arg("temporary"), py::arg("target"),
+      "Moves `temporary` over `target` atomically, by exchange then unlink where the target exists "
+      "(see core/zip_writer.h). Releases the GIL.");
+  m.def(
       "persistent_id_filter",
       [](py::tuple types, py::object callback) {
         for (py::handle t : types)

@@ -10,6 +10,8 @@
 // can be written out of order by several threads.
 #include "core/zip_writer.h"
 
+#include <fcntl.h>  // AT_FDCWD
+#include <stdio.h>  // rename, renameat2
 #include <unistd.h>
 
 #include <algorithm>
@@ -436,6 +438,20 @@ void stream_zip(const std::vector<ZipSource>& records, const ZipWriteOptions& op
   }
   layout.append_tail(crcs, pending);
   flush();
+}
+
+void replace_file(const std::string& temporary, const std::string& target) {
+#if defined(__linux__) && defined(RENAME_EXCHANGE)
+  if (::renameat2(AT_FDCWD, temporary.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+    ::unlink(temporary.c_str());  // now the old file; if it stays, the save still happened
+    return;
+  }
+  // ENOENT: no target yet; EINVAL, ENOSYS: no exchange here. Either way rename does it.
+  if (errno != ENOENT && errno != EINVAL && errno != ENOSYS)
+    throw std::system_error(errno, std::generic_category(), "renameat2 " + target);
+#endif
+  if (std::rename(temporary.c_str(), target.c_str()) != 0)
+    throw std::system_error(errno, std::generic_category(), "rename " + target);
 }
 
 }  // namespace fastckpt

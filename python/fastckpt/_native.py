@@ -8,6 +8,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32_combine,
     crc32_implementation,
     persistent_id_filter,
+    replace_file,
     unpickle,
     write_zip,
 )

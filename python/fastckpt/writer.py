@@ -301,7 +301,7 @@ def _write_target(f, atomic: bool, fsync: bool, write) -> None:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        _native.replace_file(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
