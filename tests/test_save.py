@@ -263,11 +263,24 @@ def test_legacy_format_is_torchs(tmp_path):
     assert_same(torch.load(p, weights_only=False), torch.load(io.BytesIO(torch_bytes(obj, _use_new_zipfile_serialization=False)), weights_only=False))
 
 
-def test_skip_data_is_torchs():
+def test_skip_data_is_torchs(tmp_path):
     obj = {"w": torch.randn(10)}
     with torch.serialization.skip_data():
         got, ref = fastckpt_bytes(obj), torch_bytes(obj)
-    assert got == ref
+        assert got == ref
+        assert_identical(*save_both(tmp_path, "skip.pt", obj))
+        with pytest.raises(RuntimeError, match="skip_data"):
+            fastckpt.save(obj, io.BytesIO(), _use_new_zipfile_serialization=False)
+
+
+def test_alignment_out_of_range_leaves_target(tmp_path):
+    p = tmp_path / "a.pt"
+    fastckpt.save({"w": torch.ones(2)}, p)
+    before = p.read_bytes()
+    for alignment in (0, 1 << 17):
+        with config.patch({"save.storage_alignment": alignment}), pytest.raises(fastckpt.LimitError):
+            fastckpt.save({"w": torch.ones(3)}, p)
+    assert p.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.pt"]
 
 
 @pytest.mark.parametrize("kind", ["training", "views", "misc"])

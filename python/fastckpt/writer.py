@@ -52,18 +52,22 @@ def save(
       apply to them.
     * ``fsync``: flush the file (and, for an atomic save, its directory) to stable storage.
 
-    ``_use_new_zipfile_serialization=False`` (the legacy format) and ``torch.serialization.skip_data``
-    are handed to torch's own writer.
+    ``_use_new_zipfile_serialization=False`` (the legacy format, still atomic) and
+    ``torch.serialization.skip_data`` (in place, as torch does it) are handed to torch's own writer.
     """
     torch._C._log_api_usage_once("torch.save")
     _ts._check_dill_version(pickle_module)
     _ts._check_save_filelike(f)
     if isinstance(f, (str, os.PathLike)):
         f = os.fspath(f)
-    if not _use_new_zipfile_serialization or _ts._serialization_tls.skip_data:
-        _write_target(f, atomic, fsync, lambda target: _torch_writer(obj, target, pickle_module, pickle_protocol,
-                                                                     _use_new_zipfile_serialization,
-                                                                     _disable_byteorder_record))
+    if not _use_new_zipfile_serialization:
+        if _ts._serialization_tls.skip_data:
+            raise RuntimeError("Cannot use skip_data=True with _use_new_zipfile_serialization=False")
+        _write_target(f, atomic, fsync, lambda target: _legacy_save(obj, target, pickle_module, pickle_protocol))
+        return
+    if _ts._serialization_tls.skip_data:  # records without their bytes: a layout for someone else to fill
+        with _ts._open_zipfile_writer(f) as opened:
+            _ts._save(obj, opened, pickle_module, pickle_protocol, _disable_byteorder_record)
         return
 
     from torch.utils.serialization import config
@@ -86,18 +90,13 @@ def save(
     _write_target(f, atomic, fsync, write)
 
 
-def _torch_writer(obj, target, pickle_module, pickle_protocol, new_format, disable_byteorder):
-    """torch's own writer for what fastckpt does not write natively (the legacy format, skip_data)."""
+def _legacy_save(obj, target, pickle_module, pickle_protocol):
+    """torch's writer of the legacy (pre-zip) format, into a file object or a descriptor."""
     if isinstance(target, int):
-        target = os.fdopen(os.dup(target), "wb")
-        with target:
-            return _torch_writer(obj, target, pickle_module, pickle_protocol, new_format, disable_byteorder)
-    if not new_format:
-        _ts._legacy_save(obj, target, pickle_module, pickle_protocol)
-        target.flush()
-        return
-    with _ts._open_zipfile_writer(target) as opened:
-        _ts._save(obj, opened, pickle_module, pickle_protocol, disable_byteorder)
+        with os.fdopen(os.dup(target), "wb") as file:
+            return _legacy_save(obj, file, pickle_module, pickle_protocol)
+    _ts._legacy_save(obj, target, pickle_module, pickle_protocol)
+    target.flush()
 
 
 def _archive_name(path: str) -> str:
@@ -130,24 +129,33 @@ def _pickle(obj, pickle_module, pickle_protocol):
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype: one memory may not be saved as two dtypes
     kinds: dict[torch.dtype, tuple] = {}  # dtype -> (legacy storage class, element size), looked up once
 
+    def kind(dtype):
+        k = kinds.get(dtype)
+        if k is None:
+            try:  # TypedStorage._pickle_storage_type()
+                name = torch.storage._dtype_to_storage_type_map()[dtype]
+            except KeyError as e:
+                raise KeyError(f"dtype {dtype} is not recognized") from e
+            k = kinds[dtype] = (getattr(torch, name), torch._utils._element_size(dtype))
+        return k
+
     def storage_id(o):
-        if isinstance(o, torch.storage.TypedStorage):
-            storage, dtype = o._untyped_storage, o.dtype
-            kind = kinds.get(dtype)
-            if kind is None:
-                kind = kinds[dtype] = (getattr(torch, o._pickle_storage_type()), o._element_size())
-            storage_type, numel = kind[0], storage.nbytes() // kind[1]  # o._size()
+        carried = type(o) is _TensorStorage  # a CPU tensor's, from _reduce_tensor
+        if carried or isinstance(o, torch.storage.TypedStorage):
+            storage, dtype = o if carried else (o._untyped_storage, o.dtype)
+            storage_type, itemsize = kind(dtype)
+            numel = storage.nbytes() // itemsize  # TypedStorage._size()
         elif torch.is_storage(o):
             storage, dtype = o, torch.uint8
             storage_type, numel = _ts.normalize_storage_type(type(o)), o.nbytes()
         else:
             return None
-        if str(storage.device) != "meta" and storage.data_ptr() != 0:
-            ptr = storage.data_ptr()
+        ptr = storage.data_ptr()
+        if ptr != 0 and (carried or str(storage.device) != "meta"):
             if dtypes.setdefault(ptr, dtype) != dtype:
                 raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
         key = keys.setdefault(storage._cdata, str(len(keys)))
-        fake_device = getattr(o, "_fake_device", None)
+        fake_device = None if carried else getattr(o, "_fake_device", None)
         location = str(fake_device) if fake_device is not None else _ts.location_tag(storage)
         storages[key] = storage
         return ("storage", storage_type, key, location, numel)
@@ -155,10 +163,8 @@ def _pickle(obj, pickle_module, pickle_protocol):
     if pickle_module is pickle:
         # The same stream, minus most of the Python calls per tensor (see _reduce_tensor).
         class Pickler(pickle.Pickler):
-            persistent_id = _native.persistent_id_filter(_storage_types(), storage_id)
-
-            def reducer_override(self, o):
-                return _reduce(o)
+            persistent_id = _native.persistent_id_filter(_storage_types() + (_TensorStorage,), storage_id)
+            reducer_override = staticmethod(_reduce)
     else:
         class Pickler(pickle_module.Pickler):
             def persistent_id(self, o):
@@ -212,8 +218,7 @@ def _reduce_tensor(t):
     if dtype in _NEW_DTYPES:
         rebuild, storage = torch._utils._rebuild_tensor_v3, t.untyped_storage()
     else:
-        rebuild = torch._utils._rebuild_tensor_v2
-        storage = torch.storage.TypedStorage(wrap_storage=t.untyped_storage(), dtype=dtype, _internal=True)
+        rebuild, storage = torch._utils._rebuild_tensor_v2, _TensorStorage((t.untyped_storage(), dtype))
     args = (storage, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad, collections.OrderedDict())
     if rebuild is torch._utils._rebuild_tensor_v3:
         args += (dtype,)
@@ -221,6 +226,13 @@ def _reduce_tensor(t):
     if metadata:
         args += (metadata,)
     return rebuild, args
+
+
+class _TensorStorage(tuple):
+    """(untyped storage, dtype): what the TypedStorage in torch's reduce value carries to persistent_id,
+    which never lets it into the stream; a tuple costs a tenth of a TypedStorage to make."""
+
+    __slots__ = ()
 
 
 _NEW_DTYPES = torch.storage._new_dtypes()
