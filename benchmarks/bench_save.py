@@ -1,9 +1,11 @@
 """Saving: fastckpt.save against torch.save (with CRC-32, its default, and with compute_crc32=False).
 
-Every measurement runs in a fresh process, which builds the object (seeded), saves it once to warm up
-(reported as "first save"), then times one more save to the same path. Contenders take turns within
-each round, the order rotating between rounds, and ratios are taken pair by pair within a round, so
-machine noise hits all alike:
+Every measurement runs in a fresh process, which builds the object (seeded) and times three saves:
+"first", the first save of the process (to a scratch path, then deleted); "new", a save to a path where no
+file exists; "replace", a save over the file "new" has just written (whose pages are then still dirty in
+the page cache: torch truncates them away first, an atomic save keeps them until the new file is
+complete). Contenders take turns within each round, the order rotating between rounds, and ratios are
+taken pair by pair within a round, so machine noise hits all alike:
 
     python benchmarks/bench_save.py [--cases llm,small,train] [--llm-mb 2048] [--small 100000]
                                     [--train-mb 256] [--rounds 3] [--dir DIR]
@@ -26,6 +28,7 @@ import tempfile
 import time
 
 CONTENDERS = ("torch", "torch-nocrc", "fastckpt")
+KINDS = ("new", "replace", "first")
 
 
 def build(case: str, args: dict):
@@ -75,15 +78,16 @@ def worker(spec: dict) -> dict:
     if spec["contender"] == "torch-nocrc":
         config.save.compute_crc32 = False
     path = spec["path"]
-    t0 = time.perf_counter()
-    save(obj, path)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    save(obj, path)
-    warm = time.perf_counter() - t0
-    size = os.path.getsize(path)
+    times = {}
+    for key, target in (("first", path + ".first"), ("new", path), ("replace", path)):
+        t0 = time.perf_counter()
+        save(obj, target)
+        times[key] = time.perf_counter() - t0
+        if key == "first":
+            os.unlink(target)
+    times["bytes"] = os.path.getsize(path)
     os.unlink(path)
-    return {"first": first, "warm": warm, "bytes": size}
+    return times
 
 
 def run_worker(spec: dict) -> dict:
@@ -119,13 +123,12 @@ def main(argv=None) -> None:
         mb = samples["torch"][0]["bytes"] / 1e6
         print(f"\n{case} ({mb:.0f} MB file), median of {args.rounds} fresh processes:")
         for c in CONTENDERS:
-            warm = statistics.median(s["warm"] for s in samples[c])
-            first = statistics.median(s["first"] for s in samples[c])
-            print(f"  {c:12s} after a warm-up save {warm:7.3f} s   first save of the process {first:7.3f} s")
+            t = {k: statistics.median(s[k] for s in samples[c]) for k in KINDS}
+            print(f"  {c:12s} " + "   ".join(f"{k} {t[k]:7.3f} s" for k in KINDS))
         for ref in ("torch", "torch-nocrc"):
-            for key in ("warm", "first"):
+            for key in KINDS:
                 ratios = [f[key] / t[key] for f, t in zip(samples["fastckpt"], samples[ref])]
-                print(f"  fastckpt / {ref:11s} ({key}): {statistics.median(ratios):.2f} "
+                print(f"  fastckpt / {ref:11s} ({key:7s}): {statistics.median(ratios):.2f} "
                       f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
     os.rmdir(directory)
 
