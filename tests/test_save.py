@@ -343,6 +343,16 @@ def test_zip64_record_and_offsets_past_4gib():
     assert (got.size, got.crc) == (ref.size, ref.crc) and got.size > 2**32
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pinned", [False, True])
+def test_cuda_storages_same_bytes(tmp_path, pinned):
+    obj = {"gpu": torch.randn(1000, device="cuda"), "view": torch.arange(10.0, device="cuda")[2:],
+           "cpu": torch.ones(3), "bf16": torch.randn(64, 64, device="cuda").bfloat16()}
+    with config.patch({"save.use_pinned_memory_for_d2h": pinned}):
+        assert_identical(*save_both(tmp_path, "cuda.pt", obj))
+
+
 # --------------------------------------------------------------------------- errors, as torch raises them
 
 

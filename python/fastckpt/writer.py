@@ -100,7 +100,8 @@ def _legacy_save(obj, target, pickle_module, pickle_protocol):
 
 
 def _archive_name(path: str) -> str:
-    """The folder torch's writer puts the records in: the file name without its last extension."""
+    """The folder torch's writer puts the records in: the file name without its last extension. Raises
+    torch's errors for a name it refuses and for a missing parent directory."""
     try:
         path.encode("ascii")
     except UnicodeEncodeError:
