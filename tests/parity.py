@@ -447,3 +447,14 @@ class P:
 
 class TaggedTensor(torch.Tensor):
     """A tensor subclass (pickled through _rebuild_from_type_v2 with this class)."""
+
+
+class Outer:
+    """Pickled by protocol 2 as getattr(Outer, "Nested"): loads under safe_globals([getattr, ...])."""
+
+    class Nested:
+        def __init__(self, x=0):
+            self.x = x
+
+        def __eq__(self, other):
+            return type(other) is type(self) and other.__dict__ == self.__dict__

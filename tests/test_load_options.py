@@ -138,7 +138,7 @@ def test_cuda_tagged_file_remapped(form, mmap, tmp_path, cuda_data):
 CUDA_FAILS = {
     "none": lambda: None,
     "other_tag": lambda: {"cuda:1": "cpu"},
-    "callable_none": lambda: (lambda s, l: None),
+    "callable_none": lambda: (lambda storage, location: None),
 }
 
 
@@ -277,12 +277,15 @@ def test_reads_from_current_position(kind, data, tmp_path):
         assert_same_outcome(call(fc_load, f_got), ref)
 
 
-def test_mmap_default_from_torch_config(path, monkeypatch):
+def test_mmap_default_from_torch_config(path):
+    # Through torch's own config mechanism: pytest's monkeypatch undoes a setattr on
+    # torch's config proxy with delattr (pytest >= 9.2), deleting the option for the process.
     import torch.utils.serialization.config as config
 
-    monkeypatch.setattr(config.load, "mmap", True)
-    sd = fc_load(path)
+    with config.patch({"load.mmap": True}):
+        sd = fc_load(path)
     assert all(_in_file_mapping(t, path) for t in sd.values())
+    assert config.load.mmap is False  # the option is intact and restored
 
 
 # --------------------------------------------------------------------------- delegated formats
@@ -334,11 +337,30 @@ def test_verify_catches_corrupt_storage_under_mmap(tmp_path, data):
         fc_load(p, mmap=True, verify=True)
 
 
-@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("verify", [None, True])
 def test_eager_read_checks_storage_crc(verify, tmp_path, data):
     p = write(tmp_path, flip_byte(data, "data/0", 5))
-    with pytest.raises(fastckpt.IntegrityError):
+    with pytest.raises(fastckpt.IntegrityError, match=r"(?s)weight.*verify=False"):
         fc_load(p, mmap=False, verify=verify)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_verify_false_checks_no_storage_but_data_pkl(mmap, tmp_path, data):
+    p = write(tmp_path, flip_byte(data, "data/0", 5))
+    assert_same(fc_load(p, mmap=mmap, verify=False), torch.load(p))  # the corrupted bytes, as torch
+    with pytest.raises(fastckpt.IntegrityError, match="data.pkl"):
+        fc_load(write(tmp_path, flip_byte(data, "data.pkl", 40), "pkl.pt"), mmap=mmap, verify=False)
+
+
+@pytest.mark.parametrize("value,raises", [("1", True), ("0", False)])
+def test_verify_from_the_environment(value, raises, tmp_path, data, monkeypatch):
+    p = write(tmp_path, flip_byte(data, "data/0", 5))
+    monkeypatch.setenv("FASTCKPT_VERIFY", value)
+    if raises:
+        with pytest.raises(fastckpt.IntegrityError):
+            fc_load(p, mmap=True)
+    else:
+        fc_load(p, mmap=False)
 
 
 @pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])

@@ -76,7 +76,8 @@ void raise_os_error(int code, const std::string& filename) {
 
 ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
                  unsigned threads)
-    : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc) {
+    : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc),
+      done_(records_.size(), 0), crcs_(records_.size(), 0) {
   uint64_t total = 0;
   offsets_.reserve(records_.size());
   for (const ZipRecord* r : records_) {
@@ -93,11 +94,16 @@ ReadJob::ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*>
   for (size_t i = 0; i < records_.size(); ++i)
     tasks.push_back({records_[i]->data_offset, records_[i]->size, arena_->mutable_data() + offsets_[i], check_crc_});
   worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
+    std::exception_ptr error;
     try {
-      results_ = run_copies(*archive_->file, tasks, threads);
+      run_copies(*archive_->file, tasks, threads, [this](size_t i, uint32_t crc) { record_done(i, crc); });
     } catch (...) {
-      error_ = std::current_exception();
+      error = std::current_exception();
     }
+    std::lock_guard<std::mutex> lock(mutex_);
+    finished_ = true;
+    error_ = error;
+    changed_.notify_all();
   });
 }
 
@@ -108,15 +114,39 @@ ReadJob::~ReadJob() {
   }
 }
 
+void ReadJob::record_done(size_t i, uint32_t crc) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  done_[i] = 1;
+  crcs_[i] = crc;
+  changed_.notify_all();
+}
+
+void ReadJob::check(size_t i) const {
+  if (check_crc_ && judge(*records_[i], crcs_[i]) == CrcStatus::Mismatch) crc_failure(*records_[i], crcs_[i]);
+}
+
+void ReadJob::wait_record(size_t i) {
+  if (i >= records_.size()) throw std::out_of_range("ReadJob::wait_record");
+  {
+    py::gil_scoped_release release;
+    std::unique_lock<std::mutex> lock(mutex_);
+    changed_.wait(lock, [&] { return done_[i] != 0 || finished_; });
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!done_[i]) {
+    if (error_) std::rethrow_exception(error_);
+    fail(ErrorKind::Record, "record '" + records_[i]->name + "' was not read");
+  }
+  check(i);
+}
+
 void ReadJob::wait() {
   if (worker_.joinable()) {
     py::gil_scoped_release release;
     worker_.join();
   }
   if (error_) std::rethrow_exception(error_);
-  if (!check_crc_) return;
-  for (size_t i = 0; i < records_.size(); ++i)
-    if (judge(*records_[i], results_[i].crc32) == CrcStatus::Mismatch) crc_failure(*records_[i], results_[i].crc32);
+  for (size_t i = 0; i < records_.size(); ++i) check(i);
 }
 
 const ZipRecord& Archive::record(const std::string& name) const {
@@ -313,7 +343,15 @@ void register_archive(py::module_& m) {
               }
               tasks.push_back({r.data_offset, r.size, nullptr, true});
             }
-            auto results = copies_without_gil(a, tasks, threads);
+            std::vector<CopyResult> results;
+            {
+              py::gil_scoped_release release;
+              // CRC straight over a fresh read-only mapping (no copy into a
+              // buffer first), read ahead in file order.
+              std::shared_ptr<MappedFile> view = MappedFile::shared_view(*a.file);
+              if (view) view->advise(Advice::Sequential);
+              results = run_copies(view ? *view : *a.file, tasks, threads);
+            }
             py::list out;
             size_t k = 0;
             for (size_t i = 0; i < records.size(); ++i) {

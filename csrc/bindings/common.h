@@ -4,8 +4,10 @@
 
 #include <pybind11/pybind11.h>
 
+#include <condition_variable>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <string>
 #include <vector>
@@ -51,7 +53,9 @@ struct Archive {
 };
 
 // The eager read of many records into one arena, running on a background
-// thread so the caller can unpickle meanwhile. wait() rethrows its failure.
+// thread so the caller can unpickle meanwhile. Completion is tracked per
+// record: wait_record(i) returns as soon as record i is in the arena and
+// checked, while the others are still being read.
 class ReadJob {
  public:
   ReadJob(std::shared_ptr<Archive> archive, std::vector<const ZipRecord*> records, bool check_crc,
@@ -64,17 +68,27 @@ class ReadJob {
   const std::vector<const ZipRecord*>& records() const { return records_; }
   const std::vector<uint64_t>& offsets() const { return offsets_; }  // of records() in buffer()
 
-  // Waits for the copies (GIL released), then raises IntegrityError for the
-  // first record whose CRC does not match. Requires the GIL.
+  // Waits (GIL released) until records()[i] is complete; rethrows the job's
+  // failure, raises IntegrityError if its CRC does not match. Requires the GIL.
+  void wait_record(size_t i);
+  // Waits for every record, then raises IntegrityError for the first whose
+  // CRC does not match. Requires the GIL.
   void wait();
 
  private:
+  void record_done(size_t i, uint32_t crc);  // on a worker thread
+  void check(size_t i) const;
+
   std::shared_ptr<Archive> archive_;
   std::vector<const ZipRecord*> records_;
   bool check_crc_;
   std::vector<uint64_t> offsets_;
   std::shared_ptr<MappedFile> arena_;
-  std::vector<CopyResult> results_;
+  std::mutex mutex_;  // guards done_, crcs_, finished_, error_
+  std::condition_variable changed_;
+  std::vector<uint8_t> done_;
+  std::vector<uint32_t> crcs_;
+  bool finished_ = false;
   std::exception_ptr error_;
   std::thread worker_;
 };
@@ -86,5 +100,6 @@ class ReadJob {
 void register_archive(py::module_& m);
 void register_unpickler(py::module_& m);
 void register_writer(py::module_& m);
+void register_reader(py::module_& m);
 
 }  // namespace fastckpt::bindings

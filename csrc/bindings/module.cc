@@ -1,9 +1,11 @@
 // The extension module fastckpt._core: error translation and registration.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "bindings/common.h"
 #include "core/crc32.h"
 #include "core/errors.h"
+#include "core/tensor_bounds.h"
 
 namespace fastckpt::bindings {
 namespace {
@@ -55,8 +57,15 @@ PYBIND11_MODULE(_core, m) {
       "CRC-32 of a contiguous buffer, continuing `value` (like zlib.crc32). Releases the GIL.");
   m.def("crc32_combine", &crc32_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_implementation", &crc32_implementation);
+  m.def(
+      "check_tensor_in_storage",
+      [](int64_t offset, const std::vector<int64_t>& size, const std::vector<int64_t>& stride, uint32_t element_bits,
+         uint64_t storage_nbytes) { check_tensor_in_storage(offset, size, stride, element_bits, storage_nbytes); },
+      py::arg("offset"), py::arg("size"), py::arg("stride"), py::arg("element_bits"), py::arg("storage_nbytes"),
+      "Raise MetadataError unless the tensor lies inside its storage (the rule the builder applies).");
 
   bindings::register_archive(m);
   bindings::register_unpickler(m);
   bindings::register_writer(m);
+  bindings::register_reader(m);
 }

@@ -2,8 +2,9 @@
 //
 // Policy (what a global resolves to, what NEWOBJ and BUILD may touch) lives in
 // Python, in fastckpt/_unpickle.py, behind the `ctx` object; this file does the
-// per-opcode work that must be fast: containers, strings, numbers, storages
-// and the tensors made by torch._utils._rebuild_tensor_v2/_v3. Storages are
+// per-opcode work that must be fast: storages and the tensors made by
+// torch._utils._rebuild_tensor_v2/_v3 (containers, strings and numbers come
+// from ValueBuilder, shared with the torch-free reader). Storages are
 // kept lazy (a slot, not a Python object) until something other than a fast
 // tensor rebuild needs them, so a tensor costs one call into torch.
 //
@@ -17,6 +18,7 @@
 
 #include "bindings/common.h"
 #include "bindings/dlpack_tensor.h"
+#include "bindings/value_builder.h"
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
@@ -30,6 +32,7 @@ namespace {
 // source buffer, and the Python objects made for it so far.
 struct StorageSlot {
   uint64_t source_offset = 0;
+  size_t job_record = SIZE_MAX;  // eager loads: its record's index in the read job
   uint64_t nbytes = 0;
   py::object dtype;       // from the first persistent id naming this key
   uint32_t itemsize = 1;
@@ -62,11 +65,18 @@ class LazyRef {
   Lazy* node_ = nullptr;
 };
 
+// Which storage slots a value may reach, so that their bytes are waited for
+// before the value is handed to Python code: none, the slots made up to
+// slots_[n - 1] (storages, tensors and tuples of them), or every slot made so
+// far (lists, dicts, objects: they can still be filled after they are made).
+constexpr uint32_t kReachesAllSlots = UINT32_MAX;
+
 struct PyValue {
   py::object obj;              // null while the value is lazy
   LazyRef lazy;                // a storage slot, or a tuple holding one
   uint32_t depth = 0;          // container nesting, for the cap
   bool global = false;         // resolved by GLOBAL: may be called / instantiated
+  uint32_t slots = 0;          // slots it may reach (see kReachesAllSlots)
 };
 
 struct Lazy {
@@ -86,42 +96,16 @@ LazyRef::~LazyRef() {
 
 constexpr uint32_t kMaxLazyNesting = 8;
 
-[[noreturn]] void unsafe(const std::string& what) { fail(ErrorKind::UnsafeGlobal, what); }
-
-std::string type_name(py::handle obj) {
-  return py::str(py::type::handle_of(obj)).cast<std::string>();
-}
-
-int64_t as_int64(py::handle v, const char* what) {
-  if (!PyLong_CheckExact(v.ptr()) && !PyBool_Check(v.ptr()))
-    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not an int");
-  int overflow = 0;
-  long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
-  if (overflow != 0) fail(ErrorKind::Metadata, std::string("tensor ") + what + " does not fit in 64 bits");
-  return x;
-}
-
-// Fills `out` (reused across tensors to spare an allocation each).
-void as_int64_list(py::handle v, const char* what, std::vector<int64_t>& out) {
-  if (!PyTuple_Check(v.ptr()))  // torch.Size is a tuple subclass
-    fail(ErrorKind::Metadata, std::string("tensor ") + what + " is a " + type_name(v) + ", not a tuple");
-  Py_ssize_t n = PyTuple_GET_SIZE(v.ptr());
-  if (n > static_cast<Py_ssize_t>(kMaxTensorDims))
-    fail(ErrorKind::Metadata, "tensor has " + std::to_string(n) + " dimensions (at most " +
-                                  std::to_string(kMaxTensorDims) + " are accepted)");
-  out.resize(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = as_int64(PyTuple_GET_ITEM(v.ptr(), i), what);
-}
-
 // Where storages come from in the fast path.
 struct StorageSource {
   std::shared_ptr<Archive> archive;
   ByteView bytes;                                      // the mapping, or the eager arena
   py::object buffer;                                   // a memoryview of `bytes`
-  std::unordered_map<const ZipRecord*, uint64_t> arena_offsets;  // eager reads; empty: mmap
+  ReadJob* job = nullptr;                              // eager reads still arriving; null: mmap
+  std::unordered_map<const ZipRecord*, size_t> job_index;  // record -> its index in the job
 };
 
-class PyBuilder {
+class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
  public:
   using Value = PyValue;
 
@@ -133,10 +117,10 @@ class PyBuilder {
     empty_ = torch.attr("empty");
     uint8_ = torch.attr("uint8");
     typed_storage_ = py::module_::import("torch.storage").attr("TypedStorage");
-    untyped_storage_cls_ = torch.attr("UntypedStorage");
     rebuild_v2_ = ctx_.attr("rebuild_tensor_v2");
     rebuild_v3_ = ctx_.attr("rebuild_tensor_v3");
     rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
+    rebuild_tensor_ = ctx_.attr("rebuild_tensor");
     newobj_ = ctx_.attr("newobj");
     build_ = ctx_.attr("build");
     py::module_ errors = py::module_::import("fastckpt.errors");
@@ -144,6 +128,10 @@ class PyBuilder {
     unpickling_error_ = errors.attr("UnpicklingError");
     encoding_ = ctx_.attr("encoding").cast<std::string>();
     permissive_ = ctx_.attr("permissive").cast<bool>();
+    if (!permissive_) {
+      reduce_ = ctx_.attr("reduce");
+      for (py::handle c : ctx_.attr("checked_callables")) checked_callables_.push_back(py::reinterpret_borrow<py::object>(c));
+    }
     empty_shape_ = py::make_tuple(0);
     zero_ = py::int_(0);
     // Names used per tensor, made once: attribute lookups by C string would
@@ -152,83 +140,17 @@ class PyBuilder {
     name_untyped_storage_ = py::str("untyped_storage");
     name_requires_grad_ = py::str("requires_grad_");
     name_backward_hooks_ = py::str("_backward_hooks");
-    name_append_ = py::str("append");
-    name_add_ = py::str("add");
     frombuffer_kwnames_ = py::make_tuple("dtype", "count", "offset");
     empty_kwnames_ = py::make_tuple("dtype");
   }
 
-  // ---- scalars and strings ------------------------------------------------
-  Value none() { return plain(py::none()); }
-  Value boolean(bool v) { return plain(py::bool_(v)); }
-  Value integer(int64_t v) { return plain(steal(PyLong_FromLongLong(v))); }
-  Value big_integer(const uint8_t* le, size_t n) {
-    if (n == 0) return integer(0);
-    if (n <= 8) {
-      uint64_t u = 0;
-      for (size_t i = n; i-- > 0;) u = (u << 8) | le[i];
-      if (n < 8 && (le[n - 1] & 0x80)) u |= ~uint64_t{0} << (8 * n);  // sign-extend
-      return integer(static_cast<int64_t>(u));
-    }
-    py::bytes raw(reinterpret_cast<const char*>(le), n);
-    return plain(py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(&PyLong_Type))
-                     .attr("from_bytes")(raw, "little", py::arg("signed") = true));
-  }
-  Value decimal_integer(std::string_view text) {
-    std::string s(text);
-    PyObject* v = PyLong_FromString(s.c_str(), nullptr, 10);
-    if (v == nullptr) python_value_error("bad integer literal");
-    return plain(steal(v));
-  }
-  Value floating(double d) { return plain(steal(PyFloat_FromDouble(d))); }
-  Value float_text(std::string_view text) {
-    py::str s{std::string(text)};
-    PyObject* v = PyFloat_FromString(s.ptr());
-    if (v == nullptr) python_value_error("bad float literal");
-    return plain(steal(v));
-  }
-  Value unicode(std::string_view utf8) {
-    // surrogatepass, as pickle and torch's unpickler decode BINUNICODE
-    PyObject* v = PyUnicode_DecodeUTF8(utf8.data(), static_cast<Py_ssize_t>(utf8.size()), "surrogatepass");
-    if (v == nullptr) python_value_error("string is not valid UTF-8");
-    return plain(steal(v));
-  }
-  Value unicode_raw_escape(std::string_view s) {
-    PyObject* v = PyUnicode_DecodeRawUnicodeEscape(s.data(), static_cast<Py_ssize_t>(s.size()), nullptr);
-    if (v == nullptr) python_value_error("bad UNICODE literal");
-    return plain(steal(v));
-  }
-  Value byte_string(std::string_view s) {
-    py::bytes raw(s.data(), s.size());
-    if (encoding_ == "bytes") return plain(raw);
-    PyObject* v = PyUnicode_FromEncodedObject(raw.ptr(), encoding_.c_str(), "strict");
-    if (v == nullptr) python_value_error("string cannot be decoded as " + encoding_);
-    return plain(steal(v));
-  }
-  Value string_literal(std::string_view quoted) {
-    if (quoted.size() < 2 || quoted.front() != quoted.back() || (quoted.front() != '\'' && quoted.front() != '"'))
-      fail(ErrorKind::Unpickling, "malformed pickle: STRING literal is not quoted");
-    quoted = quoted.substr(1, quoted.size() - 2);
-    py::object decoded;
-    try {
-      decoded = py::module_::import("codecs").attr("escape_decode")(py::bytes(quoted.data(), quoted.size()))[py::int_(0)];
-    } catch (py::error_already_set&) {
-      python_value_error("bad STRING literal");
-    }
-    std::string_view raw = PyBytes_AS_STRING(decoded.ptr());
-    return byte_string(std::string_view(raw.data(), static_cast<size_t>(PyBytes_GET_SIZE(decoded.ptr()))));
-  }
-  Value bytes(std::string_view s) { return plain(py::bytes(s.data(), s.size())); }
-  Value bytearray(std::string_view s) {
-    return plain(steal(PyByteArray_FromStringAndSize(s.data(), static_cast<Py_ssize_t>(s.size()))));
-  }
-
-  // ---- containers --------------------------------------------------------
+  // A tuple holding a lazy storage stays lazy, so a rebuild call can take the slot.
   Value tuple(Value* items, size_t n) {
-    uint32_t depth = 0;
+    uint32_t depth = 0, slots = 0;
     bool any_lazy = false;
     for (size_t i = 0; i < n; ++i) {
       depth = std::max(depth, items[i].depth);
+      slots = std::max(slots, items[i].slots);
       any_lazy |= items[i].obj.ptr() == nullptr;
     }
     if (any_lazy) {
@@ -241,70 +163,12 @@ class PyBuilder {
         if (item.lazy && item.lazy->slot == nullptr) node->nesting = std::max(node->nesting, item.lazy->nesting + 1);
         node->items.push_back(std::move(item));
       }
-      return Value{py::object(), std::move(node), depth + 1, false};
+      return Value{py::object(), std::move(node), depth + 1, false, slots};
     }
-    PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(n));
-    if (t == nullptr) throw py::error_already_set();
-    for (size_t i = 0; i < n; ++i) PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), items[i].obj.release().ptr());
-    return Value{steal(t), LazyRef(), depth + 1, false};
+    Value v = ValueBuilder::tuple(items, n);
+    v.slots = slots;
+    return v;
   }
-  Value list(Value* items, size_t n) {
-    Value l{steal(PyList_New(0)), LazyRef(), 1, false};
-    list_extend(l, items, n);
-    return l;
-  }
-  void list_extend(Value& list, Value* items, size_t n) {
-    const bool exact = list.obj.ptr() != nullptr && PyList_CheckExact(list.obj.ptr());
-    if (!exact && !permissive_) unsafe("can only append to lists, but got " + describe(list));
-    for (size_t i = 0; i < n; ++i) {
-      py::object item = materialize(items[i]);
-      if (!exact) {
-        call_method(materialize(list), name_append_, {item.ptr()});
-      } else if (PyList_Append(list.obj.ptr(), item.ptr()) != 0) {
-        throw py::error_already_set();
-      }
-      list.depth = std::max(list.depth, items[i].depth + 1);
-    }
-  }
-  Value dict(Value* kv, size_t pairs) {
-    Value d{steal(PyDict_New()), LazyRef(), 1, false};
-    dict_set(d, kv, pairs);
-    return d;
-  }
-  void dict_set(Value& d, Value* kv, size_t pairs) {
-    PyObject* target = d.obj.ptr();
-    const bool exact_dict = target != nullptr && PyDict_CheckExact(target);
-    if (!exact_dict && !permissive_ && !is_settable_mapping(target))
-      unsafe("can only SETITEM for dict, collections.OrderedDict, collections.Counter, but got " + describe(d));
-    for (size_t i = 0; i < pairs; ++i) {
-      PyObject* key = materialize(kv[2 * i]).ptr();
-      PyObject* value = materialize(kv[2 * i + 1]).ptr();
-      int rc = exact_dict ? PyDict_SetItem(target, key, value) : PyObject_SetItem(target, key, value);
-      if (rc != 0) python_value_error("cannot set a dict item");
-      d.depth = std::max(d.depth, std::max(kv[2 * i].depth, kv[2 * i + 1].depth) + 1);
-    }
-  }
-  Value empty_set() { return Value{steal(PySet_New(nullptr)), LazyRef(), 1, false}; }
-  void set_add(Value& s, Value* items, size_t n) {
-    const bool exact = s.obj.ptr() != nullptr && PySet_CheckExact(s.obj.ptr());
-    if (!exact && !permissive_) unsafe("can only add items to sets, but got " + describe(s));
-    for (size_t i = 0; i < n; ++i) {
-      py::object item = materialize(items[i]);
-      if (!exact) {
-        call_method(materialize(s), name_add_, {item.ptr()});
-      } else if (PySet_Add(s.obj.ptr(), item.ptr()) != 0) {
-        python_value_error("cannot add a set item");
-      }
-      s.depth = std::max(s.depth, items[i].depth + 1);
-    }
-  }
-  Value frozenset(Value* items, size_t n) {
-    Value s = empty_set();
-    set_add(s, items, n);
-    return Value{steal(PyFrozenSet_New(s.obj.ptr())), LazyRef(), s.depth, false};
-  }
-  uint32_t depth(const Value& v) const { return v.depth; }
-
   // ---- globals and calls -------------------------------------------------
   Value global(std::string_view module, std::string_view name) {
     std::string key;
@@ -324,41 +188,56 @@ class PyBuilder {
   }
 
   Value reduce(Value& callable, Value& args) {
-    if (!callable.global && !permissive_) unsafe("REDUCE on " + describe(callable) + ", which is not an allowed global");
     if (args.lazy && args.lazy->slot == nullptr &&
         (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_))) {
-      py::object t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
-      if (t) return plain(std::move(t));
+      py::object t;
+      try {
+        t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
+      } catch (py::error_already_set& e) {  // torch refused the file's metadata, as its own function would
+        e.restore();
+        reraise_as_checkpoint_error(callable.obj);
+      }
+      if (t) return Value{std::move(t), LazyRef(), 0, false, args.slots};  // bytes not read: no wait
     }
+    ready(args);
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) {
       if (!permissive_) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
       a = steal(PySequence_Tuple(a.ptr()));  // pickle calls func(*args) with any iterable
     }
-    if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_))
+    if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_) ||
+        callable.obj.is(rebuild_tensor_))
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
-    PyObject* r = PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr);
+    // weights_only: the policy decides for callables not named by GLOBAL (torch's rules) and for
+    // the few it checks (file-sized allocations, sparse tensors); the others are called directly.
+    const bool direct = permissive_ || (callable.global && !is_checked_callable(callable.obj));
+    PyObject* r = direct ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
+                         : PyObject_CallFunctionObjArgs(reduce_.ptr(), callable.obj.ptr(), a.ptr(),
+                                                        callable.global ? Py_True : Py_False, nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(callable.obj);
-    return Value{steal(r), LazyRef(), args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
   Value newobj(Value& cls, Value& args) {
-    if (!cls.global && !permissive_) unsafe("NEWOBJ on " + describe(cls) + ", which is not an allowed global");
+    ready(args);
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
-    return Value{steal(r), LazyRef(), args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
   Value newobj_ex(Value& cls, Value& args, Value& kwargs) {
-    if (!cls.global && !permissive_) unsafe("NEWOBJ_EX on " + describe(cls) + ", which is not an allowed global");
+    ready(args);
+    ready(kwargs);
     py::object a = materialize(args), k = materialize(kwargs);
     if (!PyTuple_CheckExact(a.ptr()) || !PyDict_CheckExact(k.ptr()))
       unsafe("NEWOBJ_EX needs a tuple and a dict");
     PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), k.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
-    return Value{steal(r), LazyRef(), args.depth, false};
+    return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
   void build(Value& obj, Value& state) {
+    ready(obj);
+    ready(state);
     py::object o = materialize(obj), st = materialize(state);
     PyObject* r = PyObject_CallFunctionObjArgs(build_.ptr(), o.ptr(), st.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(py::type::handle_of(o));
@@ -368,6 +247,7 @@ class PyBuilder {
 
   // ---- storages ------------------------------------------------------------
   Value persistent_load(Value& pid_value) {
+    ready(pid_value);
     py::object pid = materialize(pid_value);
     if (!source_) return plain(ctx_.attr("persistent_load")(pid));
     if (!PyTuple_CheckExact(pid.ptr()) || PyTuple_GET_SIZE(pid.ptr()) != 5)
@@ -384,14 +264,22 @@ class PyBuilder {
     if (key_utf8 == nullptr) throw py::error_already_set();
     std::string key_str(key_utf8, static_cast<size_t>(key_len));
     PyValue* cached = find_slot(key_str);
-    if (cached != nullptr) return *cached;
-    if (!cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
+    if (cached == nullptr && !cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
 
     const DtypeInfo& info = storage_dtype(storage_type);
     int64_t n = as_int64(numel, "storage numel");
     uint64_t nbytes;
     if (n < 0 || !checked_mul(static_cast<uint64_t>(n), info.itemsize, &nbytes))
       fail(ErrorKind::Metadata, "storage '" + key_str + "' has an invalid numel " + std::to_string(n));
+    if (cached != nullptr) {  // only storages with bytes are cached, as in torch
+      const StorageSlot& first = *cached->lazy->slot;
+      if (first.dtype.is(info.dtype) && first.nbytes == nbytes) return *cached;
+      fail(ErrorKind::Metadata, "storage '" + key_str + "' is read as " + std::to_string(n) + " × " +
+                                    py::str(info.dtype).cast<std::string>() + " here but as " +
+                                    std::to_string(first.nbytes / first.itemsize) + " × " +
+                                    py::str(first.dtype).cast<std::string>() +
+                                    " before: one non-empty record cannot hold both");
+    }
     const ZipRecord& record = storage_record(key_str);
     if (record.size != nbytes)
       fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
@@ -402,46 +290,49 @@ class PyBuilder {
     slot.nbytes = nbytes;
     slot.dtype = info.dtype;
     slot.itemsize = info.itemsize;
-    if (source_->arena_offsets.empty()) {
+    if (source_->job == nullptr) {
       source_->archive->stored_view(record);  // stored, inside the file
       slot.source_offset = record.data_offset;
     } else {
-      auto at = source_->arena_offsets.find(&record);
-      if (at == source_->arena_offsets.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
-      slot.source_offset = at->second;
+      auto at = source_->job_index.find(&record);
+      if (at == source_->job_index.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
+      slot.job_record = at->second;
+      slot.source_offset = source_->job->offsets()[at->second];
     }
     if (!range_within(slot.source_offset, slot.nbytes, source_->bytes.size))
       fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");
     LazyRef node(new Lazy());
     node->slot = &slot;
-    Value v{py::object(), std::move(node), 0, false};
-    remember_slot(key_str, v);
+    Value v{py::object(), std::move(node), 0, false, static_cast<uint32_t>(slots_.size())};
+    if (nbytes != 0) remember_slot(key_str, v);  // an empty storage takes each reference's dtype
     return v;
   }
 
-  py::object finish(Value& v) { return materialize(v); }
+  py::object finish(Value& v, uint32_t max_depth) {
+    py::object result = materialize(v);
+    check_linked_depth(result, max_depth);
+    return result;
+  }
 
  private:
+  friend class ValueBuilder<PyBuilder, PyValue>;  // calls plain, materialize, describe, is_settable_mapping
+
   struct DtypeInfo {
     py::object dtype;
     uint32_t itemsize;
   };
 
-  static py::object steal(PyObject* p) {
-    if (p == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(p);
-  }
   static Value plain(py::object o) { return Value{std::move(o), LazyRef(), 0, false}; }
-  static bool is_exact_str(const Value& v) { return v.obj.ptr() != nullptr && PyUnicode_CheckExact(v.obj.ptr()); }
-
-  // Turns the pending Python exception into an UnpicklingError that keeps its text.
-  [[noreturn]] static void python_value_error(const std::string& what) {
-    std::string detail;
-    if (PyErr_Occurred()) {
-      py::error_already_set e;
-      detail = std::string(": ") + e.what();
+  static void made_mutable(Value& v) { v.slots = kReachesAllSlots; }
+  // Bytes reach Python code only once read and checked: waits for the records
+  // of the slots `v` may reach (in slot order, each at most once per load).
+  void ready(const Value& v) {
+    if (!source_ || source_->job == nullptr) return;
+    const size_t upto = v.slots == kReachesAllSlots ? slots_.size() : v.slots;
+    for (; ready_slots_ < upto; ++ready_slots_) {
+      const StorageSlot& slot = slots_[ready_slots_];
+      if (slot.job_record != SIZE_MAX) source_->job->wait_record(slot.job_record);
     }
-    fail(ErrorKind::Unpickling, "malformed pickle: " + what + detail);
   }
 
   // torch.save names storages "0", "1", ...: those index a vector (bounded by
@@ -499,16 +390,16 @@ class PyBuilder {
     py::error_already_set e;
     // weights_only=False runs the file's own code: its errors pass through, as in torch.
     if (permissive_ || e.matches(checkpoint_error_)) throw e;
-    std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed";
+    std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed: " + e.what();
     e.restore();
     py::raise_from(unpickling_error_.ptr(), what.c_str());
     throw py::error_already_set();
   }
 
-  py::object materialize_str(std::string_view s) {
-    PyObject* v = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "strict");
-    if (v == nullptr) python_value_error("global name is not valid UTF-8");
-    return steal(v);
+  bool is_checked_callable(const py::object& f) const {
+    for (const py::object& c : checked_callables_)
+      if (c.is(f)) return true;
+    return false;
   }
 
   std::string describe(const Value& v) {
@@ -582,7 +473,12 @@ class PyBuilder {
       if (slot.first_tensor) {
         slot.untyped = call_method(slot.first_tensor, name_untyped_storage_);
       } else if (slot.nbytes == 0) {
-        slot.untyped = untyped_storage_cls_(0);
+        // Over no bytes and not resizable, as torch's are (UntypedStorage(0) could be
+        // grown by a later set_ to a size from the file).
+        DLDataType u8{1, 8, 1};
+        std::vector<int64_t> shape{0}, strides{1};
+        py::capsule capsule = dlpack_capsule(source_->bytes.owner, nullptr, u8, shape, strides);  // data_ptr 0, as torch's
+        slot.untyped = call_method(steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr())), name_untyped_storage_);
       } else {
         slot.untyped = call_method(frombuffer(uint8_, slot.nbytes, slot.source_offset), name_untyped_storage_);
       }
@@ -677,7 +573,7 @@ class PyBuilder {
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));
       slot.first_tensor = tensor;
     } else if (!slot.untyped && !slot.first_tensor && slot.nbytes != 0 && offset == 0 &&
-               numel * itemsize == slot.nbytes && size.size() == 1) {
+               numel * itemsize == slot.nbytes && size.size() == 1 && is_contiguous(size, stride)) {
       // Same, for dtypes DLPack cannot name.
       tensor = frombuffer(dtype, numel, slot.source_offset);
       slot.first_tensor = tensor;
@@ -697,29 +593,21 @@ class PyBuilder {
     PyObject* args[] = {source_->buffer.ptr(), dtype.ptr(), n.ptr(), o.ptr()};
     return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
   }
-  py::object call_method(py::handle self, const py::str& name, std::initializer_list<PyObject*> args = {}) {
-    PyObject* argv[5] = {self.ptr()};
-    size_t n = 1;
-    for (PyObject* a : args) argv[n++] = a;
-    return steal(PyObject_VectorcallMethod(name.ptr(), argv, n | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
-  }
-
   py::object ctx_;
   std::optional<StorageSource> source_;
-  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_, name_append_, name_add_;
-  // weights_only=False: any callable, any container, the file's own errors.
-  bool permissive_ = false;
+  py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
-  py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_, untyped_storage_cls_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, newobj_, build_, settable_types_, empty_shape_, zero_;
+  py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
   py::object checkpoint_error_, unpickling_error_;
-  std::string encoding_;
+  std::vector<py::object> checked_callables_;  // weights_only: REDUCE on these goes through ctx.reduce
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> numbered_slots_;
   std::vector<const ZipRecord*> numbered_records_;
   bool numbered_records_built_ = false;
   std::unordered_map<std::string, Value> named_slots_;
   std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
+  size_t ready_slots_ = 0;         // slots_[0, ready_slots_) have their bytes
   std::unordered_map<std::string, bool> fast_locations_;
   py::object last_location_;
   bool last_location_fast_ = false;
@@ -736,7 +624,7 @@ void register_unpickler(py::module_& m) {
   m.def(
       "unpickle",
       [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, py::object source,
-         const ReadJob* eager) {
+         ReadJob* eager) {
         BorrowedBuffer data(pickle, /*writable=*/false);
         std::optional<StorageSource> storage_source;
         if (archive) {
@@ -746,9 +634,9 @@ void register_unpickler(py::module_& m) {
           s.buffer = py::reinterpret_steal<py::object>(PyMemoryView_FromObject(source.ptr()));
           if (!s.buffer) throw py::error_already_set();
           if (eager != nullptr) {
-            s.arena_offsets.reserve(eager->records().size());
-            for (size_t i = 0; i < eager->records().size(); ++i)
-              s.arena_offsets.emplace(eager->records()[i], eager->offsets()[i]);
+            s.job = eager;
+            s.job_index.reserve(eager->records().size());
+            for (size_t i = 0; i < eager->records().size(); ++i) s.job_index.emplace(eager->records()[i], i);
           }
           storage_source = std::move(s);
         }
@@ -756,7 +644,7 @@ void register_unpickler(py::module_& m) {
         PickleLimits limits;
         PickleMachine<PyBuilder> machine(builder, limits);
         PyValue result = machine.run(data.data(), data.size());
-        return builder.finish(result);
+        return builder.finish(result, limits.max_depth);
       },
       py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("source") = py::none(),
       py::arg("eager") = nullptr,

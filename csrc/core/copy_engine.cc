@@ -6,18 +6,22 @@
 // runs of small tasks are batched so a checkpoint of thousands of tiny tensors
 // costs a handful of work units and, for files, a handful of pread(2) calls.
 // Units run on the shared work pool (core/work_pool.h); chunk CRCs are
-// merged afterwards with crc32_combine.
+// merged with crc32_combine when a task's last chunk is done.
 #include "core/copy_engine.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <system_error>
+#include <thread>
 
 #include "core/checked_math.h"
 #include "core/crc32.h"
@@ -138,14 +142,25 @@ void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offse
 
 class Runner {
  public:
-  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan, unsigned workers)
-      : file_(file), tasks_(tasks), plan_(plan), results_(tasks.size()),
-        chunk_crc_(plan.units.size(), 0), scratch_(workers == 0 ? 1 : workers) {}
+  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan, const TaskDone& on_done,
+         unsigned workers)
+      : file_(file), tasks_(tasks), plan_(plan), on_done_(on_done), results_(tasks.size()),
+        chunk_crc_(plan.units.size(), 0), chunks_left_(new std::atomic<uint32_t>[tasks.size()]),
+        first_chunk_(tasks.size(), 0), scratch_(workers == 0 ? 1 : workers) {
+    for (size_t i = 0; i < tasks.size(); ++i) chunks_left_[i].store(0, std::memory_order_relaxed);
+    for (size_t u = plan.units.size(); u-- > 0;) {
+      if (!plan.units[u].chunk) continue;
+      chunks_left_[plan.units[u].first_task].fetch_add(1, std::memory_order_relaxed);
+      first_chunk_[plan.units[u].first_task] = u;  // chunks of a task are consecutive units
+    }
+    if (const char* delay = std::getenv("FASTCKPT_TEST_READ_DELAY_US")) delay_us_ = std::atol(delay);
+  }
 
   // Runs one unit on `worker`'s thread.
   void run_unit(size_t u, unsigned worker) {
     std::unique_ptr<uint8_t[]>& scratch = scratch_[worker];  // allocated on first use, left uninitialised
     const Unit& unit = plan_.units[u];
+    if (delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
     if (unit.chunk) {
       const CopyTask& t = tasks_[unit.first_task];
       if (t.destination != nullptr) {
@@ -157,26 +172,33 @@ class Runner {
         chunk_crc_[u] = crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
                               static_cast<size_t>(unit.chunk_length));
       }
+      // The last chunk of a task to finish completes it (acq_rel: it sees the others' CRCs).
+      if (chunks_left_[unit.first_task].fetch_sub(1, std::memory_order_acq_rel) == 1) complete_chunked(unit.first_task);
     } else {
       if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
       run_batch(unit, scratch.get());
     }
   }
 
-  // After every worker has joined: merges the chunk CRCs (chunks of a task
-  // are consecutive units, in order).
+  // After every worker has joined.
   std::vector<CopyResult> take_results() {
-    for (size_t u = 0; u < plan_.units.size(); ++u) {
-      const Unit& unit = plan_.units[u];
-      if (!unit.chunk || !tasks_[unit.first_task].compute_crc) continue;
-      uint32_t& crc = results_[unit.first_task].crc32;
-      crc = unit.chunk_offset == 0 ? chunk_crc_[u]
-                                   : crc32_combine(crc, chunk_crc_[u], unit.chunk_length);
-    }
     return std::move(results_);
   }
 
  private:
+  // Merges a task's chunk CRCs, in order, and reports the task done.
+  void complete_chunked(size_t task) {
+    if (tasks_[task].compute_crc) {
+      uint32_t crc = 0;
+      for (size_t u = first_chunk_[task]; u < plan_.units.size() && plan_.units[u].chunk &&
+                                          plan_.units[u].first_task == task; ++u)
+        crc = plan_.units[u].chunk_offset == 0 ? chunk_crc_[u]
+                                               : crc32_combine(crc, chunk_crc_[u], plan_.units[u].chunk_length);
+      results_[task].crc32 = crc;
+    }
+    if (on_done_) on_done_(task, results_[task].crc32);
+  }
+
   void run_batch(const Unit& unit, uint8_t* scratch) {
     const uint64_t span = unit.span_end - unit.span_begin;
     if (span > 0) pread_full(file_, scratch, span, unit.span_begin);
@@ -189,6 +211,7 @@ class Runner {
         // the buffer's.
         results_[i].crc32 = crc32(0, span > 0 ? scratch + (t.source_offset - unit.span_begin)
                                               : file_.data() + t.source_offset, n);
+        if (on_done_) on_done_(i, results_[i].crc32);
         continue;
       }
       // SAFETY: the task's source range was checked against the file; with a
@@ -198,6 +221,7 @@ class Runner {
                                     : file_.data() + t.source_offset;
       std::memcpy(t.destination, src, n);
       if (t.compute_crc) results_[i].crc32 = crc32(0, t.destination, n);
+      if (on_done_) on_done_(i, results_[i].crc32);
     }
   }
 
@@ -250,16 +274,20 @@ class Runner {
   const MappedFile& file_;
   const std::vector<CopyTask>& tasks_;
   const Plan& plan_;
+  const TaskDone& on_done_;
   // Each element is written by the one worker that owns its task or unit.
   std::vector<CopyResult> results_;
   std::vector<uint32_t> chunk_crc_;
+  std::unique_ptr<std::atomic<uint32_t>[]> chunks_left_;  // per task: chunks not yet done
+  std::vector<size_t> first_chunk_;                       // per chunked task: its first unit
+  long delay_us_ = 0;
   std::vector<std::unique_ptr<uint8_t[]>> scratch_;  // one span buffer per worker
 };
 
 }  // namespace
 
 std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
-                                   unsigned threads) {
+                                   unsigned threads, const TaskDone& on_done) {
   for (size_t i = 0; i < tasks.size(); ++i) {
     const CopyTask& t = tasks[i];
     if (!range_within(t.source_offset, t.length, file.size()))
@@ -275,7 +303,10 @@ std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<Cop
   uint64_t workers = std::min<uint64_t>(threads, plan.units.size());
   workers = std::min(workers, std::max<uint64_t>(1, plan.total_bytes / kBytesPerWorker));
 
-  Runner runner(file, tasks, plan, static_cast<unsigned>(workers));
+  if (on_done)  // tasks without work are complete from the start
+    for (size_t i = 0; i < tasks.size(); ++i)
+      if (!has_work(tasks[i])) on_done(i, 0);
+  Runner runner(file, tasks, plan, on_done, static_cast<unsigned>(workers));
   run_units(plan.units.size(), static_cast<unsigned>(workers),
             [&runner](size_t u, unsigned worker) { runner.run_unit(u, worker); });
   return runner.take_results();

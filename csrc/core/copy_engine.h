@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/mapped_file.h"
@@ -22,12 +23,18 @@ struct CopyResult {
   uint32_t crc32 = 0;      // valid when the task asked for it
 };
 
+// Called once per task as soon as its bytes (and CRC, when asked) are
+// complete, on the worker thread that completed it; must not throw.
+using TaskDone = std::function<void(size_t task, uint32_t crc32)>;
+
 // Runs every task, splitting large ones into chunks spread over `threads`
 // workers (0 = default_thread_count()). Files with a descriptor are read with
 // pread(2) so eager copies do not fault the mapping into the process;
 // anonymous buffers are copied with memcpy. Throws std::system_error on I/O
 // errors and fastckpt::Error(Record) when a range lies outside the file.
+// FASTCKPT_TEST_READ_DELAY_US (tests only) delays every unit of work, so a
+// test can catch a reader of bytes that are not there yet.
 std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
-                                   unsigned threads = 0);
+                                   unsigned threads = 0, const TaskDone& on_done = {});
 
 }  // namespace fastckpt

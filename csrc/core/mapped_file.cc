@@ -59,6 +59,13 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   return std::shared_ptr<MappedFile>(new MappedFile(data, size, fd, path));
 }
 
+std::shared_ptr<MappedFile> MappedFile::shared_view(const MappedFile& file) {
+  if (file.fd_ < 0 || file.size_ == 0) return nullptr;
+  void* p = ::mmap(nullptr, file.size_, PROT_READ, MAP_SHARED, file.fd_, 0);
+  if (p == MAP_FAILED) throw_errno(file.path_);
+  return std::shared_ptr<MappedFile>(new MappedFile(static_cast<uint8_t*>(p), file.size_, -1, file.path_));
+}
+
 std::shared_ptr<MappedFile> MappedFile::anonymous(size_t size) {
   uint8_t* data = nullptr;
   if (size > 0) {

@@ -19,6 +19,12 @@ class MappedFile {
   // Throws std::system_error (errno) on OS failures.
   static std::shared_ptr<MappedFile> open(const std::string& path);
 
+  // A fresh read-only MAP_SHARED mapping of `file`'s descriptor: the file's own
+  // bytes (the page cache), never private writes made through other mappings.
+  // Owns no descriptor, so copies from it read memory. nullptr for anonymous
+  // memory or an empty file.
+  static std::shared_ptr<MappedFile> shared_view(const MappedFile& file);
+
   // Zero-filled, writable anonymous memory of `size` bytes; the caller fills it
   // (e.g. Python's readinto) before indexing it.
   static std::shared_ptr<MappedFile> anonymous(size_t size);

@@ -2,7 +2,7 @@
 
 #include <cstdio>
 #include <cstring>
-#include <functional>
+#include <random>
 #include <string>
 
 #include "core/checked_math.h"
@@ -509,6 +509,8 @@ ZipIndex ZipIndex::parse(const uint8_t* data, size_t size, const ZipLimits& limi
   // Both sized by the count, which read_end_records bounded by the central
   // directory's size.
   index.records_.reserve(count);
+  std::random_device entropy;  // a fresh secret key per archive
+  index.hash_key_ = SipKey{(uint64_t{entropy()} << 32) | entropy(), (uint64_t{entropy()} << 32) | entropy()};
   size_t slots = 16;
   while (slots < 2 * count) slots *= 2;
   index.slots_.assign(slots, 0);
@@ -520,11 +522,10 @@ namespace {
 // Slot layout: the low bits of the hash pick the slot, the high 32 are kept
 // in it so most probes skip the name comparison.
 constexpr uint64_t kTagMask = 0xFFFFFFFF00000000u;
-uint64_t name_hash(std::string_view name) { return std::hash<std::string_view>{}(name); }
 }  // namespace
 
 size_t ZipIndex::insert_name(size_t i) {
-  const uint64_t h = name_hash(records_[i].name);
+  const uint64_t h = siphash13(hash_key_, records_[i].name);
   const uint64_t tag = h & kTagMask;
   const size_t mask = slots_.size() - 1;
   for (size_t s = static_cast<size_t>(h) & mask;; s = (s + 1) & mask) {
@@ -540,7 +541,7 @@ size_t ZipIndex::insert_name(size_t i) {
 
 const ZipRecord* ZipIndex::find(std::string_view name) const {
   if (slots_.empty()) return nullptr;
-  const uint64_t h = name_hash(name);
+  const uint64_t h = siphash13(hash_key_, name);
   const uint64_t tag = h & kTagMask;
   const size_t mask = slots_.size() - 1;
   for (size_t s = static_cast<size_t>(h) & mask;; s = (s + 1) & mask) {

@@ -9,6 +9,8 @@
 #include <string_view>
 #include <vector>
 
+#include "core/siphash.h"
+
 namespace fastckpt {
 
 struct ZipRecord {
@@ -57,7 +59,9 @@ class ZipIndex {
   // Name lookup: open addressing with linear probing, at most half full. A
   // slot is (high 32 bits of the name's hash) << 32 | (record index + 1), 0 =
   // empty: one allocation for the whole table, and indices survive copies.
+  // Hashes are keyed with a random per-archive key: names come from the file.
   std::vector<uint64_t> slots_;
+  SipKey hash_key_;
   // Adds records_[i] to slots_; returns the index of an earlier record with
   // the same name, or i.
   size_t insert_name(size_t i);

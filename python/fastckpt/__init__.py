@@ -19,12 +19,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "fastckpt.loader",
     "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
+    "open": "fastckpt.reader",
+    "load_sharded": "fastckpt.reader",
+    "convert": "fastckpt.converter",
     "save": "fastckpt.writer",
 }
 
 
 def __getattr__(name):
-    # torch is imported on first use of the loader or the writer, not by `import fastckpt`.
+    # torch is imported on first use of the loader or the writer, not by `import fastckpt`
+    # (fastckpt.open, load_sharded's index reading and convert never import it).
     if name in _LAZY:
         import importlib
 
@@ -41,7 +45,10 @@ __all__ = [
     "UnpicklingError",
     "UnsafeGlobalError",
     "get_unsafe_globals_in_checkpoint",
+    "convert",
     "load",
+    "load_sharded",
+    "open",
     "open_archive",
     "patch",
     "patched",

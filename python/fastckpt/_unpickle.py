@@ -17,9 +17,13 @@ import torch
 from torch import _weights_only_unpickler as _wo
 from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
 
-from fastckpt.errors import MetadataError, RecordError, UnsafeGlobalError
+from fastckpt import _native
+from fastckpt.errors import CheckpointError, LimitError, MetadataError, RecordError, UnsafeGlobalError
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
+# weights_only: the most bytes an allowlisted constructor (bytearray(N)) may be asked for by
+# an integer from the file; torch.save never writes such calls (storages come by persistent id).
+MAX_CONSTRUCTED_BYTES = 64 << 20
 _PACKED_BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
 # DLPack type codes: 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool.
 _DLPACK_TYPES = {
@@ -122,10 +126,18 @@ class Storages:
         dtype, itemsize = self.storage_dtype(storage_type)
         if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             raise MetadataError(f"malformed persistent id {saved_id!r}")
-        if key in self._loaded:
-            return self._loaded[key]
+        if not isinstance(location, (str, bytes)):
+            raise MetadataError(f"persistent id of storage '{key}' has location {location!r}, not a string")
         name = f"data/{key}"
         nbytes = numel * itemsize
+        if key in self._loaded:
+            loaded = self._loaded[key]
+            if loaded.dtype is not dtype or loaded._size() * loaded._element_size() != nbytes:
+                raise MetadataError(
+                    f"storage '{key}' is read as {numel} × {dtype} here but as {loaded._size()} × {loaded.dtype} "
+                    "before: one non-empty record cannot hold both"
+                )
+            return loaded
         location = _maybe_decode_ascii(location)
         if self._meta:
             storage = torch.UntypedStorage(nbytes, device="meta")
@@ -136,7 +148,12 @@ class Storages:
             storage = self._source(name, nbytes)
             if self._byteswap:
                 storage.byteswap(dtype)
-            storage = self._restore_location(storage, location)
+            try:
+                storage = self._restore_location(storage, location)
+            except RuntimeError as e:  # no deserializer for the tag, or its device is absent: torch's text
+                if isinstance(e, CheckpointError):
+                    raise
+                raise MetadataError(str(e)) from e
         typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         if typed._data_ptr() != 0:  # torch does not cache meta or empty storages
             self._loaded[key] = typed
@@ -159,6 +176,7 @@ class _Context:
     rebuild_tensor_v2 = staticmethod(torch._utils._rebuild_tensor_v2)
     rebuild_tensor_v3 = staticmethod(torch._utils._rebuild_tensor_v3)
     rebuild_qtensor = staticmethod(torch._utils._rebuild_qtensor)
+    rebuild_tensor = staticmethod(torch._utils._rebuild_tensor)  # legacy: (storage, offset, size, stride)
 
     def __init__(self, storages: Storages, encoding: str):
         self.encoding = encoding
@@ -206,21 +224,60 @@ class FullContext(_Context):
         setstate = getattr(inst, "__setstate__", None)
         if setstate is not None:
             setstate(state)
-            return
-        slotstate = None
-        if isinstance(state, tuple) and len(state) == 2:
-            state, slotstate = state
-        if state:
+        else:
+            _set_state(inst, state, intern=True)
+
+
+def _set_state(inst, state, *, intern: bool):
+    """pickle's BUILD for an object without __setstate__: a dict state, or (dict, slot state)."""
+    slotstate = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slotstate = state
+    if state:
+        if intern:  # as pickle.Unpickler.load_build
             inst_dict = inst.__dict__
             for k, v in state.items():
                 inst_dict[sys.intern(k) if type(k) is str else k] = v
-        if slotstate:
-            for k, v in slotstate.items():
-                setattr(inst, k, v)
+        else:  # as torch's weights-only unpickler
+            inst.__dict__.update(state)
+    if slotstate:
+        for k, v in slotstate.items():
+            setattr(inst, k, v)
+
+
+def _check_set_state(tensor, state) -> None:
+    """A legacy ``set_(source, offset, size, stride)`` state must address only bytes of its source.
+
+    Every storage fastckpt makes is non-resizable, so torch would refuse to grow one; this says
+    what is wrong before torch is asked, and also covers storages made by allowlisted calls.
+    """
+    if not isinstance(state, tuple) or len(state) != 4:
+        return  # set_() and set_(source) cannot leave their source; other arities torch refuses
+    source, offset, size, stride = state
+    if isinstance(source, torch.Tensor):
+        nbytes = source.untyped_storage().nbytes()
+    elif isinstance(source, torch.storage.TypedStorage):
+        nbytes = source._untyped_storage.nbytes()  # not .nbytes(): it warns that TypedStorage is deprecated
+    elif isinstance(source, torch.UntypedStorage):
+        nbytes = source.nbytes()
+    else:
+        raise MetadataError(f"set_ state names a {type(source).__name__}, not a storage or tensor")
+    try:
+        size, stride, offset = [int(x) for x in size], [int(x) for x in stride], int(offset)
+    except (TypeError, ValueError, OverflowError):
+        raise MetadataError(f"set_ state has malformed offset/size/stride: {state[1:]!r}") from None
+    _native.check_tensor_in_storage(offset, size, stride, tensor.element_size() * 8, nbytes)
+
+
+def _uninitialised_constructors():
+    """Allowlisted classes whose calls with sizes return uninitialised memory (dense tensors, storages)."""
+    dense = [c for c in torch._tensor_classes if "sparse" not in c.__module__]
+    return (torch.Tensor, *dense, torch.storage.TypedStorage, torch.UntypedStorage)
 
 
 class WeightsOnlyContext(_Context):
-    """The ctx of a weights_only load: torch's allowlist, read once per load."""
+    """The ctx of a weights_only load: torch's allowlist, read once per load, and its rules for
+    REDUCE, NEWOBJ and BUILD (torch/_weights_only_unpickler.py), plus caps on what the file may size."""
 
     permissive = False
     settable_mappings = (OrderedDict, Counter)
@@ -229,8 +286,13 @@ class WeightsOnlyContext(_Context):
         super().__init__(storages, encoding)
         self._allowed = _wo._get_allowed_globals()
         self._user = _wo._get_user_allowed_globals()
+        # torch tests membership with `in` over these values (== semantics: a bound classmethod
+        # made by an allowlisted getattr equals the allowlisted one).
         self._allowed_values = list(self._allowed.values()) + list(self._user.values())
-        self._user_types = [v for v in self._user.values() if isinstance(v, type)]
+        self._uninitialised = _uninitialised_constructors()
+        # The callables reduce() must see even when GLOBAL named them (others are called directly).
+        self.checked_callables = (bytearray, *self._uninitialised,
+                                  *(c for c in torch._tensor_classes if "sparse" in c.__module__))
 
     def resolve_global(self, module: str, name: str):
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -257,47 +319,68 @@ class WeightsOnlyContext(_Context):
             "if you trust this class/function."
         )
 
-    def _is_allowed(self, obj) -> bool:
-        return any(obj is v for v in self._allowed_values)
+    def _check_allocation(self, func, args, kwargs) -> None:
+        """Refuse calls that would allocate memory sized by an integer from the file."""
+        if func is bytearray and args and isinstance(args[0], int) and args[0] > MAX_CONSTRUCTED_BYTES:
+            raise LimitError(f"bytearray({args[0]}) asks for more than the {MAX_CONSTRUCTED_BYTES}-byte cap")
+        if isinstance(func, type) and issubclass(func, self._uninitialised) and func is not torch.nn.Parameter:
+            sized = not args or any(isinstance(a, (int, torch.Size)) for a in args)
+            if sized or any(isinstance(v, (int, torch.Size)) for v in kwargs.values()):
+                raise UnsafeGlobalError(
+                    f"{func.__module__}.{func.__qualname__} called with sizes {args!r} would return uninitialised "
+                    "memory sized by the file; only calls given data are allowed"
+                )
+
+    def _validate_later(self, func, result):
+        if func in torch._tensor_classes and "sparse" in func.__module__:  # as torch
+            torch._utils._sparse_tensors_to_validate.append(result)
+
+    def reduce(self, func, args, resolved: bool):
+        """REDUCE on a callable not named by GLOBAL, or one of `checked_callables`; `resolved`: func
+        came from GLOBAL, so it is allowed."""
+        if not resolved and func not in self._allowed_values:
+            message = f"Trying to call reduce for unrecognized function {func}"
+            if hasattr(func, "__self__"):
+                message += f" which belongs to {func.__self__}"
+            raise UnsafeGlobalError(message)
+        self._check_allocation(func, args, {})
+        result = func(*args)
+        self._validate_later(func, result)
+        return result
 
     def newobj(self, cls, args, kwargs=None):
         kwargs = kwargs or {}
         if cls is torch.nn.Parameter:
             return torch.nn.Parameter(*args, **kwargs)
-        if not isinstance(cls, type) or not self._is_allowed(cls):
+        if cls not in self._allowed_values:
             raise UnsafeGlobalError(
                 f"Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got {cls}"
             )
+        self._check_allocation(cls, args, kwargs)
         result = cls.__new__(cls, *args, **kwargs)
-        if cls in torch._tensor_classes and "sparse" in cls.__module__:
-            torch._utils._sparse_tensors_to_validate.append(result)
+        self._validate_later(cls, result)
         return result
 
     def build(self, inst, state):
         kind = type(inst)
-        if kind is torch.nn.Parameter:
+        if kind is torch.Tensor:  # legacy serialization: set_ with the file's metadata, bounds-checked
+            _check_set_state(inst, state)
+            inst.set_(*state)
+        elif kind is torch.nn.Parameter:  # Tensor.__setstate__: a 4-item state is the same set_
+            _check_set_state(inst, state)
             inst.__setstate__(state)
         elif kind is OrderedDict:
             if not isinstance(state, dict):
                 raise UnsafeGlobalError(f"BUILD of an OrderedDict needs a dict state, got {type(state)}")
             inst.__dict__.update(state)
-        elif kind is not torch.Tensor and any(kind is t for t in self._user_types):
+        elif kind in self._allowed_values:
             if hasattr(inst, "__setstate__"):
                 inst.__setstate__(state)
-                return
-            slotstate = None
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slotstate = state
-            if state:
-                inst.__dict__.update(state)
-            if slotstate:
-                for k, v in slotstate.items():
-                    setattr(inst, k, v)
+            else:
+                _set_state(inst, state, intern=False)
         else:
-            # torch also accepts BUILD on a plain Tensor (a legacy set_ path that
-            # takes arbitrary storage metadata); no torch.save output uses it.
             raise UnsafeGlobalError(
-                f"Can only build Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got {kind}"
+                f"Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got {kind}"
             )
 
 

@@ -12,6 +12,8 @@ from fastckpt.errors import FormatError, IntegrityError, LimitError, RecordError
 # A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
 # never beyond this many bytes nor beyond what its header declares.
 MAX_INFLATED_BYTES = 1 << 30
+# data.pkl is read whole into memory; a larger one is refused before reading.
+MAX_PICKLE_BYTES = 1 << 30
 
 
 def open_archive(f) -> _native.Archive:
@@ -19,26 +21,35 @@ def open_archive(f) -> _native.Archive:
     if isinstance(f, (str, os.PathLike)):
         return _native.Archive.open(os.fspath(f))
     start = f.tell()
-    end = f.seek(0, os.SEEK_END)
+    f.seek(0, os.SEEK_END)
+    end = f.tell()  # not seek's return value: some file views return another position there
     f.seek(start)
-    buffer = _native.allocate(end - start)
-    view = memoryview(buffer)
-    filled = 0
+    buffer = _native.allocate(max(end - start, 0))
+    _read_exactly(f, memoryview(buffer))
+    return _native.Archive.from_buffer(buffer)
+
+
+def _read_exactly(f, view: memoryview) -> None:
+    """Fill `view` from `f`; a read that returns anything but 1..len(asked) bytes is an error, never progress."""
     readinto = getattr(f, "readinto", None)
+    filled = 0
     while filled < len(view):
+        asked = len(view) - filled
         if readinto is not None:
             n = readinto(view[filled:])
         else:
-            chunk = f.read(len(view) - filled)
-            n = len(chunk)
-            view[filled : filled + n] = chunk
-        if not n:
-            break
+            chunk = f.read(asked)
+            n = len(chunk) if isinstance(chunk, (bytes, bytearray, memoryview)) else chunk
+            if isinstance(n, int) and 0 < n <= asked:
+                view[filled : filled + n] = chunk
+        if type(n) is not int or n < 0 or n > asked:
+            method = "readinto" if readinto is not None else "read"
+            raise FormatError(f"{type(f).__name__}.{method}() returned {n!r} when asked for {asked} bytes")
+        if n == 0:
+            raise FormatError(
+                f"the file ended after {filled} of the {len(view)} bytes it had when opened (truncated while reading?)"
+            )
         filled += n
-    view.release()
-    if filled != len(buffer):
-        raise FormatError(f"the file ended after {filled} of the {len(buffer)} bytes it had when opened (truncated while reading?)")
-    return _native.Archive.from_buffer(buffer)
 
 
 def read_record(archive: _native.Archive, name: str, check_crc: bool = True) -> bytes:
@@ -67,6 +78,42 @@ def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
             f"CRC-32 mismatch in record '{name}': stored 0x{info['crc32']:08x}, computed 0x{zlib.crc32(data):08x}"
         )
     return data
+
+
+def check_version(archive: _native.Archive) -> None:
+    """Refuses archives without torch.save's version record, or of a version torch does not read."""
+    name = ".data/version" if ".data/version" in archive else "version"
+    if name not in archive:
+        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
+    text = read_record(archive, name).decode("ascii", "replace").strip()
+    if not text.isdigit() or not 1 <= int(text) <= 10:
+        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
+
+
+def read_data_pickle(archive: _native.Archive) -> bytes:
+    """data.pkl, CRC-checked; refused before reading when over MAX_PICKLE_BYTES."""
+    size = archive.record("data.pkl")["size"]
+    if size > MAX_PICKLE_BYTES:
+        raise LimitError(f"data.pkl is {size} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
+    return read_record(archive, "data.pkl")
+
+
+def byteorder_record(archive: _native.Archive) -> bytes | None:
+    """b"little" or b"big" from the 'byteorder' record; None when there is none (old files)."""
+    if "byteorder" not in archive:
+        return None
+    mark = read_record(archive, "byteorder")
+    if mark not in (b"little", b"big"):  # torch raises ValueError with this text
+        raise RecordError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+    return mark
+
+
+def check_storage_alignment(archive: _native.Archive) -> None:
+    """torch.save writes `config.save.storage_alignment` (any positive integer) as decimal text."""
+    if ".storage_alignment" in archive:
+        text = read_record(archive, ".storage_alignment")
+        if not (text.isdigit() and int(text) > 0):
+            raise RecordError(f"record '.storage_alignment' holds {text[:32]!r}, not a positive decimal integer")
 
 
 @dataclasses.dataclass

@@ -9,16 +9,15 @@ import pickle
 import re
 import warnings
 
+import numpy
 import torch
 from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native
 from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
-from fastckpt.archive import open_archive, read_record
-from fastckpt.errors import LimitError, RecordError, UnpicklingError
+from fastckpt.archive import byteorder_record, check_storage_alignment, check_version, open_archive, read_data_pickle, read_record
+from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, RecordError, UnpicklingError
 
-# data.pkl is read whole into memory; a larger one is refused before reading.
-MAX_PICKLE_BYTES = 1 << 30
 _ZIP_MAGIC = b"PK\x03\x04"
 _TRUE_VALUES = ("1", "y", "yes", "true")
 DOCS_MESSAGE = (  # as torch.load appends it (a local there)
@@ -82,24 +81,64 @@ def _weights_only_message(message: str) -> str:
     return text + "\n\n" + message + DOCS_MESSAGE
 
 
-def _starts_with_zip(f) -> bool:
-    """Like torch's _is_zipfile: the 4 bytes at the current position (paths: at 0)."""
+# torch's legacy format opens with a pickle of torch.serialization.MAGIC_NUMBER.
+_LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+_LEGACY_MAGIC_TEXT = b"L%dL\n" % torch.serialization.MAGIC_NUMBER  # pickle protocols 0 and 1
+_SNIFF_BYTES = 64 << 10
+
+
+def _head(f) -> tuple[bytes, int]:
+    """Up to 64 KiB from the start (paths) or the current position (file objects), and the size from there."""
     if _is_path(f):
         with open(f, "rb") as fh:
-            return fh.read(4) == _ZIP_MAGIC
+            return fh.read(_SNIFF_BYTES), os.fstat(fh.fileno()).st_size
     torch.serialization._check_seekable(f)
     start = f.tell()
-    magic = f.read(4)
+    head = f.read(_SNIFF_BYTES)
+    f.seek(0, os.SEEK_END)
+    size = f.tell() - start
     f.seek(start)
-    return magic == _ZIP_MAGIC
+    return head, size
+
+
+def _is_legacy(head: bytes) -> bool:
+    """A legacy torch.save stream (its magic number pickled first) or a legacy tar archive."""
+    if head[257:262] == b"ustar":
+        return True
+    if head.startswith(_LEGACY_MAGIC_TEXT):
+        return True
+    if len(head) < 2 or head[0] != 0x80:  # PROTO
+        return False
+    body = head[2:]
+    if body[:1] == b"\x95":  # FRAME (protocol 4+) and its 8-byte length
+        body = body[9:]
+    return body.startswith(_LEGACY_MAGIC)
+
+
+def _format_of(f) -> str:
+    """'zip' or 'legacy' (torch's own readers); anything else is not a checkpoint: FormatError."""
+    head, size = _head(f)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if _is_legacy(head):
+        return "legacy"
+    if size == 0:
+        raise FormatError("the file is empty (0 bytes): not a checkpoint")
+    what = f"{size} bytes starting {head[:16].hex(' ')}"
+    found = head.find(_ZIP_MAGIC)
+    hint = f"; a zip signature is at offset {found}, not at 0 (bytes in front of the archive?)" if found > 0 else ""
+    raise FormatError(
+        f"not a checkpoint: {what}; expected a zip archive (PK\\x03\\x04 at offset 0), "
+        f"a legacy torch.save pickle or a legacy tar archive{hint}"
+    )
 
 
 def _handed_to_torch(f, mmap) -> bool:
     """Inputs torch.load handles in ways fastckpt does not reproduce natively."""
     if _is_path(f) and os.fspath(f).endswith(".safetensors"):
         return True
-    if not _starts_with_zip(f):
-        return True  # legacy pickle stream or tar: torch's own readers
+    if _format_of(f) == "legacy":
+        return True
     if torch._guards.detect_fake_mode(None) is not None or torch.serialization._serialization_tls.skip_data:
         return True  # fake tensors and skip_data: storages that do not hold file bytes
     if mmap and torch.serialization.get_default_mmap_options() != torch.serialization.MAP_PRIVATE:
@@ -108,28 +147,29 @@ def _handed_to_torch(f, mmap) -> bool:
 
 
 def _storage_from_buffer(buffer, offset: int, nbytes: int):
+    """A CPU storage over bytes in place; never resizable (as torch's), so no set_ can grow it."""
     if nbytes == 0:
-        return torch.UntypedStorage(0)
+        return torch.from_numpy(numpy.empty(0, numpy.uint8)).untyped_storage()
     return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
 
 
 class _StorageSource:
     """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read."""
 
-    def __init__(self, archive, *, mmap: bool, threads: int):
+    def __init__(self, archive, *, mmap: bool, threads: int, check_crc: bool):
         self.archive = archive
         self.job = None
         self._finished = False
         self._arena_offset: dict[str, int] | None = None
         # Deflated records (a re-zipped checkpoint): inflated under a cap, CRC-checked.
         self.inflated = {
-            name: memoryview(bytearray(read_record(archive, name)))
+            name: memoryview(bytearray(read_record(archive, name, check_crc)))
             for name in ([] if mmap else archive.names("data/", 8))
         }
         if mmap:
             self.bytes = archive.whole()
         else:
-            self.job = archive.read_records_async(archive.names("data/", 0), True, threads)
+            self.job = archive.read_records_async(archive.names("data/", 0), check_crc, threads)
             self.bytes = self.job.buffer
         self.buffer = memoryview(self.bytes)
 
@@ -157,20 +197,9 @@ class _StorageSource:
             self._finished = True
 
 
-def _check_version(archive) -> None:
-    name = ".data/version" if ".data/version" in archive else "version"
-    if name not in archive:
-        raise RecordError("the archive has no 'version' record; it was not written by torch.save")
-    text = read_record(archive, name).decode("ascii", "replace").strip()
-    if not text.isdigit() or not 1 <= int(text) <= 10:
-        raise RecordError(f"unsupported file format version {text!r} (torch reads versions 1 to 10)")
-
-
 def _byteorder(archive) -> bytes | None:
-    if "byteorder" in archive:
-        mark = read_record(archive, "byteorder")
-        if mark not in (b"little", b"big"):
-            raise ValueError("Unknown endianness type: " + mark.decode("ascii", "replace"))
+    mark = byteorder_record(archive)
+    if mark is not None:
         return mark
     from torch.serialization import LoadEndianness, get_default_load_endianness
 
@@ -216,11 +245,9 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
 
 
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
-    _check_version(archive)
-    pickle_info = archive.record("data.pkl")
-    if pickle_info["size"] > MAX_PICKLE_BYTES:
-        raise LimitError(f"data.pkl is {pickle_info['size']} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
-    data_pickle = read_record(archive, "data.pkl")  # CRC-checked
+    check_version(archive)
+    check_storage_alignment(archive)
+    data_pickle = read_data_pickle(archive)  # CRC-checked
 
     meta = torch.serialization._is_meta_location(map_location)
     byteswap = native_byteorder_differs(_byteorder(archive))
@@ -230,14 +257,12 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
             bad = [r for r in archive.verify([n for n in archive.names() if n.startswith("data/")], threads)
                    if r["status"] == "mismatch"]
             if bad:
-                from fastckpt.errors import IntegrityError
-
                 r = bad[0]
                 raise IntegrityError(
                     f"CRC-32 mismatch in record '{r['name']}' (data at offset {r['data_offset']}): stored "
                     f"0x{r['crc32']:08x}, computed 0x{r['computed']:08x}; {len(bad)} record(s) bad"
                 )
-        source = _StorageSource(archive, mmap=mmap, threads=threads)
+        source = _StorageSource(archive, mmap=mmap, threads=threads, check_crc=verify is not False)
     offsets = {r["name"]: r["data_offset"] for r in archive.records()} if meta else {}
     storages = Storages(source, map_location, byteswap=byteswap, meta=meta, offsets=offsets)
 
@@ -262,11 +287,68 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
             source.finish()
     finally:
         tls.map_location = None
-    torch._utils._validate_loaded_sparse_tensors()
+    _validate_sparse_tensors()
     return result
 
 
-def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=False, threads=None,
+def _validate_sparse_tensors() -> None:
+    """Torch's end-of-load sparse checks, always on: an invalid sparse tensor corrupts memory on first use."""
+    try:
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            torch._utils._validate_loaded_sparse_tensors()
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise MetadataError(f"invalid sparse tensor: {e}") from e
+
+
+def _resolve_verify(verify):
+    """None: FASTCKPT_VERIFY (0 or 1) if set, else None (eager loads check every storage, lazy ones none)."""
+    if verify is None:
+        env = os.getenv("FASTCKPT_VERIFY", "").strip().lower()
+        if env in ("1", "true", "yes"):
+            return True
+        if env in ("0", "false", "no"):
+            return False
+    return verify
+
+
+def _tensor_paths(archive, record: str) -> list[str]:
+    """The key paths ("model.layer.weight", "0.bias") of the tensors over `record`, from a lazy
+    weights_only re-read of the same archive (nothing is executed; no storage bytes are read)."""
+    obj = _load_archive(archive, None, None, weights_only=True, mmap=True, verify=False, threads=1,
+                        pickle_load_args={"encoding": "utf-8"})
+    base = torch.frombuffer(archive.whole(), dtype=torch.uint8).data_ptr() if len(archive.whole()) else 0
+    offset = archive.record(record)["data_offset"]
+    found, stack = [], [("", obj)]
+    while stack and len(found) < 4:
+        path, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.layout is torch.strided and not value.is_nested:  # others have no single storage
+                storage = value.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() == base + offset:
+                    found.append(path)
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in reversed(list(enumerate(value))))
+    return found
+
+
+def _integrity_message(error: IntegrityError, archive, weights_only: bool) -> str:
+    """Adds the tensors the bad record belongs to (when a re-read is safe) and how to load anyway."""
+    text = str(error)
+    m = re.search(r"record '(data/[^']+)'", text)
+    if m and weights_only:
+        try:
+            paths = _tensor_paths(archive, m.group(1))
+        except CheckpointError:
+            paths = []
+        if paths:
+            text += f"\nIt holds the tensor(s): {', '.join(paths)}."
+    return text + "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
+                  "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+
+
+def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=None, threads=None,
          **pickle_load_args):
     """Load an object saved with torch.save; a drop-in replacement for torch.load.
 
@@ -278,8 +360,11 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     (``verify=True`` checks their CRC-32s up front). Legacy (non-zip) files,
     TorchScript archives and ``.safetensors`` paths are handed to ``torch.load``.
 
-    Extra keyword-only arguments: ``verify`` (see above) and ``threads`` (reader
-    threads; default: all CPUs).
+    Extra keyword-only arguments: ``verify`` — None (default; the environment variable
+    ``FASTCKPT_VERIFY=0|1`` overrides it): eager loads check every storage's CRC-32,
+    lazy ones none; True: check every storage, also with ``mmap=True``; False: check no
+    storage (``data.pkl`` is always checked) — and ``threads`` (reader threads; default:
+    all CPUs).
     """
     _resolve_weights_only(weights_only, pickle_module, warn=False)  # raise early, as torch does
     if mmap is None:
@@ -288,19 +373,22 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         mmap = config.load.mmap
     if _handed_to_torch(f, mmap):
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
-    if mmap and not _is_path(f):
-        raise ValueError("f must be a file path in order to use the mmap argument")
     start = None if _is_path(f) else f.tell()
     archive = open_archive(f)
     if "constants.pkl" in archive:  # a TorchScript archive: torch.load dispatches to torch.jit.load
         if start is not None:
             f.seek(start)
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
+    if mmap and not _is_path(f):  # after the TorchScript check, as in torch.load
+        raise ValueError("f must be a file path in order to use the mmap argument")
     weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module, warn=True)
     if pickle_load_args and weights_only:
         warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
     pickle_load_args.setdefault("encoding", "utf-8")
-    return _load_archive(
-        archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap, verify=verify,
-        threads=threads or 0, pickle_load_args=pickle_load_args,
-    )
+    try:
+        return _load_archive(
+            archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
+            verify=_resolve_verify(verify), threads=threads or 0, pickle_load_args=pickle_load_args,
+        )
+    except IntegrityError as e:
+        raise IntegrityError(_integrity_message(e, archive, weights_only)) from None

@@ -5,6 +5,9 @@ torch's own signature and docstring that forwards every call to fastckpt's ``loa
 at call time in ``fastckpt.loader``).
 Patching is idempotent (patching twice, then unpatching once, restores the original) and
 reversible. Code that did ``from torch import load`` before :func:`patch` keeps torch's function.
+``patch(verify=...)`` sets fastckpt's ``verify`` for patched calls (clients such as transformers
+pass ``mmap=True``, whose default checks no storage CRC). ``with patched():`` blocks may nest and
+overlap across threads: torch stays patched until the last block leaves.
 
 A ``torch.load`` call made *while* fastckpt is loading (fastckpt delegating a legacy or
 TorchScript file to torch, or a ``__setstate__`` run by ``weights_only=False``) goes to the
@@ -31,6 +34,9 @@ _TARGETS = (("torch", "load"), ("torch.serialization", "load"))
 _lock = threading.Lock()
 _saved: dict[tuple[str, str], object] = {}  # what each target held before patch()
 _wrapper = None  # the installed wrapper, None when not patched
+_verify = None  # `verify` for patched calls (None: fastckpt.load's default)
+_blocks = 0  # `with patched()` blocks open, in all threads
+_blocks_patched = False  # whether the first of them patched (then the last one unpatches)
 _inside_fastckpt = contextvars.ContextVar("fastckpt_inside_load", default=False)
 
 # torch.save, replaced only by patch(save=True); fastckpt.save never calls torch.save, so no guard.
@@ -58,6 +64,8 @@ def _make_wrapper(original):
             return original(*args, **kwargs)
         token = _inside_fastckpt.set(True)
         try:
+            if _verify is not None:
+                kwargs.setdefault("verify", _verify)
             return loader_module().load(*args, **kwargs)
         finally:
             _inside_fastckpt.reset(token)
@@ -112,24 +120,31 @@ def original_load():
     return _modules()["torch.serialization"].load
 
 
-def patch(save: bool = False) -> None:
+def patch(verify: bool | None = None, *, save: bool = False) -> None:
     """Make ``torch.load`` and ``torch.serialization.load`` call fastckpt's ``load``. Idempotent.
 
-    With ``save=True``, ``torch.save`` and ``torch.serialization.save`` also call ``fastckpt.save``.
+    ``verify``: fastckpt's ``verify`` for patched calls (True: check every storage's CRC-32, also
+    for ``mmap=True`` loads; False: none); None keeps ``load``'s default (and ``FASTCKPT_VERIFY``).
+    ``save=True``: ``torch.save`` and ``torch.serialization.save`` also call ``fastckpt.save``.
     """
-    global _wrapper
-    mods = _modules()
     with _lock:
         if save:
-            _patch_save(mods)
-        if _wrapper is not None and all(getattr(mods[m], a) is _wrapper for m, a in _TARGETS):
-            return
-        if _wrapper is None:
-            _saved.clear()
-            _saved.update({(m, a): getattr(mods[m], a) for m, a in _TARGETS})
-            _wrapper = _make_wrapper(_saved[("torch.serialization", "load")])
-        for m, a in _TARGETS:
-            setattr(mods[m], a, _wrapper)
+            _patch_save(_modules())
+        _patch_locked(verify)
+
+
+def _patch_locked(verify) -> None:
+    global _wrapper, _verify
+    mods = _modules()
+    _verify = verify
+    if _wrapper is not None and all(getattr(mods[m], a) is _wrapper for m, a in _TARGETS):
+        return
+    if _wrapper is None:
+        _saved.clear()
+        _saved.update({(m, a): getattr(mods[m], a) for m, a in _TARGETS})
+        _wrapper = _make_wrapper(_saved[("torch.serialization", "load")])
+    for m, a in _TARGETS:
+        setattr(mods[m], a, _wrapper)
 
 
 def unpatch() -> None:
@@ -138,26 +153,43 @@ def unpatch() -> None:
 
     An attribute someone else replaced after :func:`patch` is left as it is. No-op when not patched.
     """
-    global _wrapper
-    mods = _modules()
     with _lock:
-        _unpatch_save(mods)
-        if _wrapper is None:
-            return
-        for m, a in _TARGETS:
-            if getattr(mods[m], a) is _wrapper:
-                setattr(mods[m], a, _saved[(m, a)])
-        _saved.clear()
-        _wrapper = None
+        _unpatch_save(_modules())
+        _unpatch_locked()
+
+
+def _unpatch_locked() -> None:
+    global _wrapper, _verify
+    mods = _modules()
+    if _wrapper is None:
+        return
+    for m, a in _TARGETS:
+        if getattr(mods[m], a) is _wrapper:
+            setattr(mods[m], a, _saved[(m, a)])
+    _saved.clear()
+    _wrapper = None
+    _verify = None
 
 
 @contextlib.contextmanager
-def patched():
-    """``with fastckpt.patched():`` patch for the block, then restore the previous state (nests)."""
-    was_patched = is_patched()
-    patch()
+def patched(verify: bool | None = None):
+    """``with fastckpt.patched():`` patch for the block, then restore the previous state.
+
+    Blocks nest and may overlap in several threads: the first to enter patches (unless torch was
+    already patched), the last to leave restores. ``verify`` as for :func:`patch`.
+    """
+    global _blocks, _blocks_patched
+    with _lock:
+        if _blocks == 0:
+            _blocks_patched = not (_wrapper is not None and _modules()["torch"].load is _wrapper)
+            if _blocks_patched:
+                _patch_locked(verify)
+        _blocks += 1
     try:
         yield
     finally:
-        if not was_patched:
-            unpatch()
+        with _lock:
+            _blocks -= 1
+            if _blocks == 0 and _blocks_patched:
+                _unpatch_locked()
+                _blocks_patched = False

@@ -1,0 +1,380 @@
+"""fastckpt.open: a safe_open-style lazy reader of torch checkpoints that needs no torch.
+
+The data pickle runs on the native machine with the torch-free builder
+(``_native.read_tree``): tensors are descriptors, nothing the file names is
+imported. Tensors are read on demand from a private mapping of the file:
+numpy arrays are zero-copy read-only views where the bytes allow it.
+torch is imported only for ``framework="pt"``; numpy, ml_dtypes (bfloat16,
+float8) and mlx only when first needed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from fastckpt import _descriptors, _native
+from fastckpt._descriptors import TensorInfo, Unsupported
+from fastckpt.archive import byteorder_record, check_version, open_archive, read_data_pickle
+from fastckpt.errors import CheckpointError, FormatError, IntegrityError
+
+FRAMEWORKS = ("numpy", "pt", "mlx")
+_NUMPY_NAMES = {
+    "float64": "<f8", "float32": "<f4", "float16": "<f2", "complex128": "<c16", "complex64": "<c8",
+    "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
+    "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
+}
+_ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+
+
+def numpy_dtype(dtype: str, key: str):
+    """The numpy dtype of a torch dtype name; bfloat16 / float8 via ml_dtypes. Raises TypeError naming `key`."""
+    import numpy as np
+
+    if dtype in _NUMPY_NAMES:
+        return np.dtype(_NUMPY_NAMES[dtype])
+    if dtype in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, dtype))
+    raise TypeError(f"tensor '{key}' has dtype torch.{dtype}, which numpy cannot hold; open with framework=\"pt\"")
+
+
+def _is_ml_dtype(dtype) -> bool:
+    return dtype.num >= 256  # numpy numbers user-defined types (ml_dtypes') from 256 on
+
+
+def flatten(tree, is_tensor) -> dict:
+    """{dotted path: tensor} in tree order: dict keys as str, list/tuple indices as numbers."""
+    out: dict = {}
+    stack = [("", tree)]
+    while stack:
+        path, obj = stack.pop()
+        if is_tensor(obj):
+            if path in out and out[path] is not obj:
+                raise CheckpointError(f"two tensors are both named '{path}' (keys with dots in them?)")
+            out[path] = obj
+            continue
+        if isinstance(obj, dict):
+            items = [(str(k), v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(obj)]
+        else:
+            continue
+        stack.extend((f"{path}.{k}" if path else k, v) for k, v in reversed(items))
+    return out
+
+
+def _is_descriptor(obj) -> bool:
+    return type(obj) is TensorInfo or type(obj) is Unsupported
+
+
+def _without_tensors(obj):
+    """The tree with tensors left out, and containers that held only tensors; _DROP when nothing is left."""
+    if _is_descriptor(obj):
+        return _DROP
+    if isinstance(obj, dict):
+        kept = {k: v for k, v in ((k, _without_tensors(v)) for k, v in obj.items()) if v is not _DROP}
+        return _DROP if obj and not kept else kept
+    if isinstance(obj, (list, tuple)):
+        kept = [v for v in map(_without_tensors, obj) if v is not _DROP]
+        return _DROP if obj and not kept else (tuple(kept) if isinstance(obj, tuple) else kept)
+    return obj
+
+
+_DROP = object()
+
+
+class _Slice:
+    """``reader.get_slice(key)[...]``: only the bytes the index selects are read."""
+
+    def __init__(self, reader, key):
+        self._reader, self._key = reader, key
+
+    def get_shape(self) -> list[int]:
+        return list(self._reader.info(self._key)["shape"])
+
+    def get_dtype(self) -> str:
+        return self._reader.info(self._key)["dtype"]
+
+    def __getitem__(self, index):
+        return self._reader._read(self._key, index)
+
+
+class CheckpointReader:
+    """One checkpoint file, opened by :func:`open`."""
+
+    def __init__(self, path, framework: str = "numpy", *, verify=None):
+        if framework not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+        self.path = os.fspath(path)
+        self.framework = framework
+        self._verify = bool(verify)
+        self._archive = open_archive(self.path)
+        if "constants.pkl" in self._archive:
+            raise FormatError(f"{self.path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
+        check_version(self._archive)
+        self._big_endian = byteorder_record(self._archive) == b"big"
+        self._tree = _native.read_tree(read_data_pickle(self._archive), _descriptors, self._archive)
+        self._tensors = flatten(self._tree, _is_descriptor)
+        self._checked: set[str] = set()  # records whose CRC-32 was verified
+        self._torch_tensors = None  # framework="pt": fastckpt.load's tensors, by key
+
+    # ---- safe_open's interface ------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Drops the reader's mapping; arrays already returned keep theirs alive."""
+        self._archive = self._tree = self._torch_tensors = None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key) -> bool:
+        return key in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def get_tensor(self, key: str):
+        return self._read(key, None)
+
+    def get_slice(self, key: str) -> _Slice:
+        self._descriptor(key)
+        return _Slice(self, key)
+
+    def info(self, key: str) -> dict:
+        """dtype, shape, strides and offset (in elements), storage key and size, bytes of the tensor's elements."""
+        t = self._descriptor(key)
+        if type(t) is Unsupported:
+            return {"kind": t.kind, "dtype": None, "shape": None}
+        return {
+            "kind": t.kind, "dtype": t.dtype, "shape": t.shape, "strides": t.strides, "offset": t.offset,
+            "storage_key": t.storage.key, "storage_nbytes": t.storage.nbytes, "nbytes": t.nbytes,
+            "requires_grad": t.requires_grad, "parameter": t.parameter, "location": t.storage.location,
+        }
+
+    def metadata(self):
+        """The non-tensor values of the tree (epoch, config, optimizer param_groups...); None when there are none."""
+        kept = _without_tensors(self._tree)
+        return None if kept is _DROP else kept
+
+    # ---- reading ----------------------------------------------------------------
+    def _descriptor(self, key: str):
+        if self._archive is None:
+            raise ValueError("the reader is closed")
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise KeyError(f"no tensor named {key!r} in {self.path}") from None
+
+    def _read(self, key: str, index):
+        t = self._descriptor(key)
+        if self.framework == "pt":
+            tensor = self._torch()[key]
+            return tensor if index is None else tensor[index]
+        if type(t) is Unsupported:
+            raise TypeError(f"tensor '{key}' is a {t.kind} tensor, which numpy cannot hold; open with framework=\"pt\"")
+        array = self.raw_array(key)
+        if index is not None:
+            array = array[index]
+        array = self._finish(array, t)
+        return array if self.framework == "numpy" else _to_mlx(array, key)
+
+    def raw_array(self, key: str):
+        """A zero-copy read-only numpy view of the tensor's bytes as stored (file byte order, no conj/neg)."""
+        import numpy as np
+
+        t = self._descriptor(key)
+        dtype = numpy_dtype(t.dtype, key)
+        record = t.storage.record
+        buffer = self._archive.view(record)
+        if self._verify and record not in self._checked:
+            self._check_crc(key, t.storage, buffer)
+        if 0 in t.shape:
+            return np.empty(t.shape, dtype)
+        item = dtype.itemsize
+        array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=[s * item for s in t.strides])
+        array.flags.writeable = False
+        return array
+
+    def _finish(self, array, t: TensorInfo):
+        import numpy as np
+
+        if self._big_endian and array.dtype.itemsize > 1:
+            if not _is_ml_dtype(array.dtype):
+                array = array.view(array.dtype.newbyteorder(">")).astype(array.dtype)
+            else:  # ml_dtypes types: swap the bit patterns
+                array = array.view(f"u{array.dtype.itemsize}").byteswap().view(array.dtype)
+        metadata = t.metadata or {}
+        if metadata.get("conj"):
+            array = np.conj(array)
+        if metadata.get("neg"):
+            array = np.negative(array)
+        return array
+
+    def _check_crc(self, key: str, storage, buffer) -> None:
+        computed = _native.crc32(buffer)
+        if storage.crc32 not in (0, computed) or (storage.crc32 == 0 and storage.nbytes == 0 and computed != 0):
+            raise IntegrityError(
+                f"CRC-32 mismatch in record '{storage.record}' (storage of tensor '{key}'): "
+                f"stored 0x{storage.crc32:08x}, computed 0x{computed:08x}; the file is corrupted"
+            )
+        self._checked.add(storage.record)
+
+    def _torch(self) -> dict:
+        if self._torch_tensors is None:
+            import torch
+
+            from fastckpt.loader import load
+
+            tree = load(self.path, mmap=True, weights_only=True, verify=self._verify)
+            self._torch_tensors = flatten(tree, lambda x: isinstance(x, torch.Tensor))
+        return self._torch_tensors
+
+
+def _to_mlx(array, key: str):
+    import mlx.core as mx
+    import numpy as np
+
+    name = array.dtype.name
+    if name == "bfloat16":
+        return mx.array(np.ascontiguousarray(array).view(np.uint16)).view(mx.bfloat16)
+    if _is_ml_dtype(array.dtype):
+        raise TypeError(f"tensor '{key}' has dtype {name}, which mlx cannot hold")
+    return mx.array(array)
+
+
+class ShardedReader:
+    """A transformers-style sharded checkpoint (``*.index.json`` + its ``weight_map``) as one reader."""
+
+    def __init__(self, index_path: str, framework: str = "numpy", *, verify=None):
+        self.path = index_path
+        with builtins.open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index_path} has no 'weight_map' object")
+        folder = os.path.dirname(os.path.abspath(index_path))
+        self._shard_of = {}
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise FormatError(f"{index_path}: shard {shard!r} of '{key}' is not a file name in its folder")
+            self._shard_of[key] = os.path.join(folder, shard)
+        self._metadata = index.get("metadata")
+        self._framework, self._verify = framework, verify
+        self._readers: dict[str, CheckpointReader] = {}
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(set(self._shard_of.values()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def __contains__(self, key) -> bool:
+        return key in self._shard_of
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
+
+    def shard_reader(self, key: str) -> CheckpointReader:
+        """The reader of the shard holding `key` (opened on first use)."""
+        try:
+            shard = self._shard_of[key]
+        except KeyError:
+            raise KeyError(f"no tensor named {key!r} in {self.path}") from None
+        reader = self._readers.get(shard)
+        if reader is None:
+            reader = self._readers[shard] = CheckpointReader(shard, self._framework, verify=self._verify)
+        if key not in reader:
+            raise CheckpointError(f"{self.path} maps '{key}' to {shard}, which has no such tensor")
+        return reader
+
+    def get_tensor(self, key: str):
+        return self.shard_reader(key).get_tensor(key)
+
+    def get_slice(self, key: str) -> _Slice:
+        return self.shard_reader(key).get_slice(key)
+
+    def info(self, key: str) -> dict:
+        return dict(self.shard_reader(key).info(key), shard=os.path.basename(self._shard_of[key]))
+
+    def metadata(self):
+        """The index's "metadata" object (total_size...)."""
+        return self._metadata
+
+
+def find_index(path) -> str | None:
+    """The ``*.index.json`` of a sharded checkpoint at `path` (the file itself or its folder), else None."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith(".index.json") and "safetensors" not in n)
+        if len(found) > 1:
+            raise FormatError(f"{path} holds several index files ({', '.join(found)}); open one of them")
+        return os.path.join(path, found[0]) if found else None
+    return path if path.endswith(".index.json") else None
+
+
+def open(path, framework: str = "numpy", *, verify=None):  # noqa: A001  (safe_open's counterpart)
+    """Open a torch checkpoint lazily, like safetensors' ``safe_open``; works without torch installed.
+
+    `path` is a ``torch.save`` file, a sharded checkpoint's ``*.index.json``, or
+    the folder holding either. Use as a context manager::
+
+        with fastckpt.open("pytorch_model.bin") as f:
+            for key in f.keys():
+                array = f.get_tensor(key)   # numpy, zero-copy and read-only where the layout allows
+
+    ``framework``: ``"numpy"`` (bfloat16/float8 via ml_dtypes), ``"mlx"``, or ``"pt"``
+    (torch tensors as fastckpt.load returns them). ``verify=True`` checks the
+    CRC-32 of every storage record read; by default lazy reads are not checked.
+    """
+    index = find_index(path)
+    if index is not None:
+        return ShardedReader(index, framework, verify=verify)
+    if os.path.isdir(path):
+        files = sorted(n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth")))
+        if len(files) != 1:
+            raise FormatError(f"{os.fspath(path)} has no *.index.json and {len(files)} .bin/.pt/.pth files; open a file")
+        path = os.path.join(path, files[0])
+    return CheckpointReader(path, framework, verify=verify)
+
+
+def load_sharded(path, *, threads: int | None = None, **load_kwargs) -> dict:
+    """The merged state dict of a sharded checkpoint, its shards loaded in parallel with fastckpt.load.
+
+    Same result as ``torch.load`` of each shard merged in shard-name order.
+    `load_kwargs` go to every ``fastckpt.load`` call. A single file is loaded as it is.
+    """
+    from fastckpt.loader import load
+
+    index = find_index(path)
+    if index is None:
+        return load(path, **load_kwargs)
+    shards = ShardedReader(index).shards
+    with ThreadPoolExecutor(max_workers=max(1, min(len(shards), threads or os.cpu_count() or 1))) as pool:
+        parts = list(pool.map(lambda shard: load(shard, **load_kwargs), shards))
+    merged: dict = {}
+    for shard, part in zip(shards, parts):
+        if not isinstance(part, dict):
+            raise CheckpointError(f"shard {shard} holds a {type(part).__name__}, not a state dict")
+        merged.update(part)
+    return merged
