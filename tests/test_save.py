@@ -356,6 +356,18 @@ def test_cuda_storages_same_bytes(tmp_path, pinned):
 # --------------------------------------------------------------------------- errors, as torch raises them
 
 
+def test_file_object_write_error_propagates():
+    class Full(io.BytesIO):
+        def write(self, b):
+            if self.tell() > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    with pytest.raises(OSError) as info:
+        fastckpt.save({**big(), **many_small(20)}, Full())
+    assert info.value.errno == errno.ENOSPC
+
+
 def same_error(fn_args, **kwargs):
     ref = call(ORIGINAL_SAVE, *fn_args, **kwargs)
     got = call(fastckpt.save, *fn_args, **kwargs)
