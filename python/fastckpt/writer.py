@@ -77,8 +77,8 @@ def save(
     prefix = "archive" if not isinstance(f, str) else _archive_name(f)
     if not isinstance(f, str):
         _check_writable(f)
-    data_pkl, storages = _pickle(obj, pickle_module, pickle_protocol)
-    records = _records(data_pkl, storages, alignment, _disable_byteorder_record)
+    data_pkl, storages, cpu = _pickle(obj, pickle_module, pickle_protocol)
+    records = _records(data_pkl, storages, cpu, alignment, _disable_byteorder_record)
 
     def write(target):
         if isinstance(target, int):
@@ -124,8 +124,10 @@ def _check_writable(buffer) -> None:
 
 
 def _pickle(obj, pickle_module, pickle_protocol):
-    """data.pkl and the storages it references, keyed "0", "1"... in first-pickled order."""
+    """data.pkl, the storages it references keyed "0", "1"... in first-pickled order, and the
+    (address, nbytes) of those known to be on the CPU."""
     storages: dict[str, torch.UntypedStorage] = {}
+    cpu: dict[str, tuple[int, int]] = {}
     keys: dict[int, str] = {}  # storage._cdata -> key
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype: one memory may not be saved as two dtypes
     kinds: dict[torch.dtype, tuple] = {}  # dtype -> (legacy storage class, element size), looked up once
@@ -145,10 +147,12 @@ def _pickle(obj, pickle_module, pickle_protocol):
         if carried or isinstance(o, torch.storage.TypedStorage):
             storage, dtype = o if carried else (o._untyped_storage, o.dtype)
             storage_type, itemsize = kind(dtype)
-            numel = storage.nbytes() // itemsize  # TypedStorage._size()
+            nbytes = storage.nbytes()
+            numel = nbytes // itemsize  # TypedStorage._size()
         elif torch.is_storage(o):
             storage, dtype = o, torch.uint8
-            storage_type, numel = _ts.normalize_storage_type(type(o)), o.nbytes()
+            storage_type, nbytes = _ts.normalize_storage_type(type(o)), o.nbytes()
+            numel = nbytes
         else:
             return None
         ptr = storage.data_ptr()
@@ -159,6 +163,8 @@ def _pickle(obj, pickle_module, pickle_protocol):
         fake_device = None if carried else getattr(o, "_fake_device", None)
         location = str(fake_device) if fake_device is not None else _ts.location_tag(storage)
         storages[key] = storage
+        if carried:
+            cpu[key] = (ptr, nbytes)
         return ("storage", storage_type, key, location, numel)
 
     if pickle_module is pickle:
@@ -179,7 +185,7 @@ def _pickle(obj, pickle_module, pickle_protocol):
     finally:
         if gc_was_enabled:
             gc.enable()
-    return buffer.getvalue(), storages
+    return buffer.getvalue(), storages, cpu
 
 
 def _storage_types() -> tuple:
@@ -246,8 +252,9 @@ def _has_python_state(t) -> bool:
     return bool(torch._utils._get_obj_state(t) if _TENSOR_SLOTS else t.__dict__)
 
 
-def _records(data_pkl: bytes, storages: dict, alignment: int, disable_byteorder: bool) -> list:
-    """Every record in torch's order: (name, bytes) or (name, (address, nbytes)) for CPU storages."""
+def _records(data_pkl: bytes, storages: dict, cpu: dict, alignment: int, disable_byteorder: bool) -> list:
+    """Every record in torch's order: (name, bytes), or (name, (address, nbytes)) for a storage (a CPU
+    copy of those elsewhere, kept alive in `storages`)."""
     if sys.byteorder not in ("little", "big"):
         raise ValueError("Unknown endianness type: " + sys.byteorder)
     byteorder = [("byteorder", sys.byteorder.encode())]
@@ -255,10 +262,12 @@ def _records(data_pkl: bytes, storages: dict, alignment: int, disable_byteorder:
     if not disable_byteorder:
         records += byteorder
     for key, storage in storages.items():
-        if storage.device.type != "cpu":
-            storage = _to_cpu(storage)
-            storages[key] = storage  # keeps the copy alive for the write
-        records.append((f"data/{key}", (storage.data_ptr(), storage.nbytes())))
+        source = cpu.get(key)
+        if source is None:
+            if storage.device.type != "cpu":
+                storage = storages[key] = _to_cpu(storage)
+            source = (storage.data_ptr(), storage.nbytes())
+        records.append((f"data/{key}", source))
     records.append(("version", _FORMAT_VERSION_RECORD))
     if disable_byteorder:
         records += byteorder  # torch's writer adds it when the caller did not
