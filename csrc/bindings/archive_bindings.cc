@@ -24,14 +24,6 @@ std::vector<CopyResult> copies_without_gil(const Archive& a, const std::vector<C
   return run_copies(*a.file, tasks, threads);
 }
 
-// Sets OSError(code, strerror, filename): Python picks the subclass
-// (FileNotFoundError, IsADirectoryError...) from the code. Requires the GIL.
-[[noreturn]] void raise_os_error(int code, const std::string& filename) {
-  py::object args = py::make_tuple(code, std::strerror(code), filename);
-  PyErr_SetObject(PyExc_OSError, args.ptr());
-  throw py::error_already_set();
-}
-
 py::dict record_dict(const ZipRecord& r) {
   py::dict d;
   d["name"] = r.name;
@@ -45,6 +37,16 @@ py::dict record_dict(const ZipRecord& r) {
   d["alignment"] = r.alignment();
   return d;
 }
+
+}  // namespace
+
+void raise_os_error(int code, const std::string& filename) {
+  py::object args = py::make_tuple(code, std::strerror(code), filename);
+  PyErr_SetObject(PyExc_OSError, args.ptr());
+  throw py::error_already_set();
+}
+
+namespace {
 
 // Maps (via `map`, which may throw std::system_error) and indexes a file with
 // the GIL released; OS errors become OSError naming `name`.

@@ -58,8 +58,13 @@ inline void wait_record(ReadJob& job, size_t i) {
   job.wait_record(i);
 }
 
+// Sets OSError(code, strerror, filename): Python picks the subclass
+// (FileNotFoundError, IsADirectoryError...) from the code. Requires the GIL.
+[[noreturn]] void raise_os_error(int code, const std::string& filename);
+
 void register_archive(py::module_& m);
 void register_unpickler(py::module_& m);
+void register_writer(py::module_& m);
 void register_reader(py::module_& m);
 
 }  // namespace fastckpt::bindings

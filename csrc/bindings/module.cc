@@ -36,7 +36,7 @@ void translate(const Error& e) {
 PYBIND11_MODULE(_core, m) {
   namespace py = pybind11;
   using namespace fastckpt;
-  m.doc() = "fastckpt native core: strict zip index, mmap, CRC-32, restricted unpickler";
+  m.doc() = "fastckpt native core: strict zip index, mmap, CRC-32, restricted unpickler, zip writer";
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -66,5 +66,6 @@ PYBIND11_MODULE(_core, m) {
 
   bindings::register_archive(m);
   bindings::register_unpickler(m);
+  bindings::register_writer(m);
   bindings::register_reader(m);
 }

@@ -5,11 +5,10 @@
 // memory faults at a few GB/s per core: first-touch is what parallelism buys);
 // runs of small tasks are batched so a checkpoint of thousands of tiny tensors
 // costs a handful of work units and, for files, a handful of pread(2) calls.
-// Workers pull units from an atomic counter; the caller's thread is one of
-// them. Chunk CRCs are merged afterwards with crc32_combine.
+// Units run on the shared work pool (core/work_pool.h); chunk CRCs are
+// merged with crc32_combine when a task's last chunk is done.
 #include "core/copy_engine.h"
 
-#include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -19,9 +18,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -29,6 +26,7 @@
 #include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
+#include "core/work_pool.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14
@@ -144,10 +142,11 @@ void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offse
 
 class Runner {
  public:
-  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan, const TaskDone& on_done)
+  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan, const TaskDone& on_done,
+         unsigned workers)
       : file_(file), tasks_(tasks), plan_(plan), on_done_(on_done), results_(tasks.size()),
         chunk_crc_(plan.units.size(), 0), chunks_left_(new std::atomic<uint32_t>[tasks.size()]),
-        first_chunk_(tasks.size(), 0) {
+        first_chunk_(tasks.size(), 0), scratch_(workers == 0 ? 1 : workers) {
     for (size_t i = 0; i < tasks.size(); ++i) chunks_left_[i].store(0, std::memory_order_relaxed);
     for (size_t u = plan.units.size(); u-- > 0;) {
       if (!plan.units[u].chunk) continue;
@@ -157,44 +156,32 @@ class Runner {
     if (const char* delay = std::getenv("FASTCKPT_TEST_READ_DELAY_US")) delay_us_ = std::atol(delay);
   }
 
-  // Pulls units until none is left or a worker failed. Never throws: the
-  // first failure is kept for the caller.
-  void work() noexcept {
-    try {
-      std::unique_ptr<uint8_t[]> scratch;  // allocated on first use, left uninitialised
-      while (!failed_.load(std::memory_order_relaxed)) {
-        const size_t u = next_unit_.fetch_add(1, std::memory_order_relaxed);
-        if (u >= plan_.units.size()) break;
-        const Unit& unit = plan_.units[u];
-        if (delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
-        if (unit.chunk) {
-          const CopyTask& t = tasks_[unit.first_task];
-          if (t.destination != nullptr) {
-            chunk_crc_[u] = copy(t, unit.chunk_offset, unit.chunk_length);
-          } else if (file_.fd() >= 0) {
-            if (!scratch) scratch.reset(new uint8_t[kSpanBytes]);
-            chunk_crc_[u] = crc_of_file(t.source_offset + unit.chunk_offset, unit.chunk_length, scratch.get());
-          } else {
-            chunk_crc_[u] = crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
-                                  static_cast<size_t>(unit.chunk_length));
-          }
-          // The last chunk of a task to finish completes it (acq_rel: it sees the others' CRCs).
-          if (chunks_left_[unit.first_task].fetch_sub(1, std::memory_order_acq_rel) == 1) complete_chunked(unit.first_task);
-        } else {
-          if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
-          run_batch(unit, scratch.get());
-        }
+  // Runs one unit on `worker`'s thread.
+  void run_unit(size_t u, unsigned worker) {
+    std::unique_ptr<uint8_t[]>& scratch = scratch_[worker];  // allocated on first use, left uninitialised
+    const Unit& unit = plan_.units[u];
+    if (delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
+    if (unit.chunk) {
+      const CopyTask& t = tasks_[unit.first_task];
+      if (t.destination != nullptr) {
+        chunk_crc_[u] = copy(t, unit.chunk_offset, unit.chunk_length);
+      } else if (file_.fd() >= 0) {
+        if (!scratch) scratch.reset(new uint8_t[kSpanBytes]);
+        chunk_crc_[u] = crc_of_file(t.source_offset + unit.chunk_offset, unit.chunk_length, scratch.get());
+      } else {
+        chunk_crc_[u] = crc32(0, file_.data() + t.source_offset + unit.chunk_offset,
+                              static_cast<size_t>(unit.chunk_length));
       }
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex_);
-      if (!error_) error_ = std::current_exception();
-      failed_.store(true, std::memory_order_relaxed);
+      // The last chunk of a task to finish completes it (acq_rel: it sees the others' CRCs).
+      if (chunks_left_[unit.first_task].fetch_sub(1, std::memory_order_acq_rel) == 1) complete_chunked(unit.first_task);
+    } else {
+      if (unit.span_end != unit.span_begin && !scratch) scratch.reset(new uint8_t[kSpanBytes]);
+      run_batch(unit, scratch.get());
     }
   }
 
-  // After every worker has joined: rethrows a worker's failure.
+  // After every worker has joined.
   std::vector<CopyResult> take_results() {
-    if (error_) std::rethrow_exception(error_);
     return std::move(results_);
   }
 
@@ -294,25 +281,10 @@ class Runner {
   std::unique_ptr<std::atomic<uint32_t>[]> chunks_left_;  // per task: chunks not yet done
   std::vector<size_t> first_chunk_;                       // per chunked task: its first unit
   long delay_us_ = 0;
-  std::atomic<size_t> next_unit_{0};
-  std::atomic<bool> failed_{false};
-  std::mutex error_mutex_;
-  std::exception_ptr error_;
+  std::vector<std::unique_ptr<uint8_t[]>> scratch_;  // one span buffer per worker
 };
 
 }  // namespace
-
-unsigned default_thread_count() noexcept {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) {
-    const int n = CPU_COUNT(&set);
-    if (n > 0) return static_cast<unsigned>(n);
-  }
-#endif
-  const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : n;
-}
 
 std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
                                    unsigned threads, const TaskDone& on_done) {
@@ -334,20 +306,9 @@ std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<Cop
   if (on_done)  // tasks without work are complete from the start
     for (size_t i = 0; i < tasks.size(); ++i)
       if (!has_work(tasks[i])) on_done(i, 0);
-  Runner runner(file, tasks, plan, on_done);
-  std::vector<std::thread> pool;
-  if (workers > 1) {
-    pool.reserve(static_cast<size_t>(workers - 1));
-    for (uint64_t w = 1; w < workers; ++w) {
-      try {
-        pool.emplace_back([&runner] { runner.work(); });
-      } catch (const std::system_error&) {
-        break;  // no more threads to be had: the ones running finish the work
-      }
-    }
-  }
-  runner.work();
-  for (std::thread& th : pool) th.join();
+  Runner runner(file, tasks, plan, on_done, static_cast<unsigned>(workers));
+  run_units(plan.units.size(), static_cast<unsigned>(workers),
+            [&runner](size_t u, unsigned worker) { runner.run_unit(u, worker); });
   return runner.take_results();
 }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/mapped_file.h"
+#include "core/work_pool.h"  // default_thread_count
 
 namespace fastckpt {
 
@@ -21,9 +22,6 @@ struct CopyTask {
 struct CopyResult {
   uint32_t crc32 = 0;      // valid when the task asked for it
 };
-
-// Default worker count: the number of CPUs the process may run on.
-unsigned default_thread_count() noexcept;
 
 // Called once per task as soon as its bytes (and CRC, when asked) are
 // complete, on the worker thread that completed it; must not throw.

@@ -22,11 +22,12 @@ _LAZY = {
     "open": "fastckpt.reader",
     "load_sharded": "fastckpt.reader",
     "convert": "fastckpt.converter",
+    "save": "fastckpt.writer",
 }
 
 
 def __getattr__(name):
-    # torch is imported on first use of the loader, not by `import fastckpt`
+    # torch is imported on first use of the loader or the writer, not by `import fastckpt`
     # (fastckpt.open, load_sharded's index reading and convert never import it).
     if name in _LAZY:
         import importlib
@@ -51,6 +52,7 @@ __all__ = [
     "open_archive",
     "patch",
     "patched",
+    "save",
     "unpatch",
     "verify",
 ]

@@ -8,6 +8,9 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32,
     crc32_combine,
     crc32_implementation,
+    persistent_id_filter,
     read_tree,
+    replace_file,
     unpickle,
+    write_zip,
 )

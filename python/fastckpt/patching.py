@@ -12,6 +12,9 @@ overlap across threads: torch stays patched until the last block leaves.
 A ``torch.load`` call made *while* fastckpt is loading (fastckpt delegating a legacy or
 TorchScript file to torch, or a ``__setstate__`` run by ``weights_only=False``) goes to the
 original function, so delegation can never recurse into fastckpt.
+
+``patch(save=True)`` also replaces ``torch.save`` and ``torch.serialization.save`` with a wrapper that
+forwards to ``fastckpt.save`` (off by default; :func:`unpatch` restores them too).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ _verify = None  # `verify` for patched calls (None: fastckpt.load's default)
 _blocks = 0  # `with patched()` blocks open, in all threads
 _blocks_patched = False  # whether the first of them patched (then the last one unpatches)
 _inside_fastckpt = contextvars.ContextVar("fastckpt_inside_load", default=False)
+
+# torch.save, replaced only by patch(save=True); fastckpt.save never calls torch.save, so no guard.
+_SAVE_TARGETS = (("torch", "save"), ("torch.serialization", "save"))
+_saved_save: dict[tuple[str, str], object] = {}
+_save_wrapper = None
 
 
 def loader_module():
@@ -67,6 +75,38 @@ def _make_wrapper(original):
     return load
 
 
+def _make_save_wrapper(original):
+    @functools.wraps(original)
+    def save(*args, **kwargs):
+        return importlib.import_module("fastckpt.writer").save(*args, **kwargs)
+
+    save.__signature__ = inspect.signature(original)
+    save.__fastckpt_original__ = original
+    return save
+
+
+def _patch_save(mods) -> None:
+    """Requires _lock."""
+    global _save_wrapper
+    if _save_wrapper is None:
+        _saved_save.update({(m, a): getattr(mods[m], a) for m, a in _SAVE_TARGETS})
+        _save_wrapper = _make_save_wrapper(_saved_save[("torch.serialization", "save")])
+    for m, a in _SAVE_TARGETS:
+        setattr(mods[m], a, _save_wrapper)
+
+
+def _unpatch_save(mods) -> None:
+    """Requires _lock. Leaves alone an attribute someone else replaced after patching."""
+    global _save_wrapper
+    if _save_wrapper is None:
+        return
+    for m, a in _SAVE_TARGETS:
+        if getattr(mods[m], a) is _save_wrapper:
+            setattr(mods[m], a, _saved_save[(m, a)])
+    _saved_save.clear()
+    _save_wrapper = None
+
+
 def is_patched() -> bool:
     """Whether ``torch.load`` is currently fastckpt's wrapper."""
     return _wrapper is not None and _modules()["torch"].load is _wrapper
@@ -80,13 +120,16 @@ def original_load():
     return _modules()["torch.serialization"].load
 
 
-def patch(verify: bool | None = None) -> None:
+def patch(verify: bool | None = None, *, save: bool = False) -> None:
     """Make ``torch.load`` and ``torch.serialization.load`` call fastckpt's ``load``. Idempotent.
 
     ``verify``: fastckpt's ``verify`` for patched calls (True: check every storage's CRC-32, also
     for ``mmap=True`` loads; False: none); None keeps ``load``'s default (and ``FASTCKPT_VERIFY``).
+    ``save=True``: ``torch.save`` and ``torch.serialization.save`` also call ``fastckpt.save``.
     """
     with _lock:
+        if save:
+            _patch_save(_modules())
         _patch_locked(verify)
 
 
@@ -105,11 +148,13 @@ def _patch_locked(verify) -> None:
 
 
 def unpatch() -> None:
-    """Restore what ``torch.load`` / ``torch.serialization.load`` were before :func:`patch`.
+    """Restore what ``torch.load`` / ``torch.serialization.load`` (and ``torch.save`` /
+    ``torch.serialization.save`` after ``patch(save=True)``) were before :func:`patch`.
 
     An attribute someone else replaced after :func:`patch` is left as it is. No-op when not patched.
     """
     with _lock:
+        _unpatch_save(_modules())
         _unpatch_locked()
 
 

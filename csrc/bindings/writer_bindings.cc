@@ -1,0 +1,149 @@
+// fastckpt._core.write_zip: torch.save's archive from Python records. The
+// records are gathered with the GIL held; the core runs without it, taking it
+// back only to hand bytes to a Python file object's write().
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <system_error>
+#include <vector>
+
+#include "bindings/common.h"
+#include "core/zip_writer.h"
+
+namespace fastckpt::bindings {
+namespace {
+
+// The records' sources, valid while this object lives (requires the GIL to
+// build and to destroy).
+struct Sources {
+  std::vector<ZipSource> records;
+  std::vector<std::unique_ptr<BorrowedBuffer>> buffers;
+};
+
+// Each record is (name, data): data is a bytes-like object, or an
+// (address, nbytes) pair for memory the caller keeps alive and unchanged for
+// the whole call (a torch storage's data_ptr() and nbytes()).
+Sources gather(const py::list& records) {
+  Sources s;
+  s.records.reserve(records.size());
+  for (py::handle item : records) {
+    auto pair = item.cast<py::tuple>();
+    if (pair.size() != 2) throw py::value_error("a record is a (name, data) pair");
+    auto name = pair[0].cast<std::string>();
+    py::handle data = pair[1];
+    if (py::isinstance<py::tuple>(data)) {
+      auto raw = data.cast<std::pair<uintptr_t, uint64_t>>();
+      // SAFETY: the caller vouches for [address, address + nbytes) (see above).
+      s.records.push_back({std::move(name), reinterpret_cast<const uint8_t*>(raw.first), raw.second});
+    } else {
+      s.buffers.push_back(std::make_unique<BorrowedBuffer>(data, /*writable=*/false));
+      const BorrowedBuffer& b = *s.buffers.back();
+      s.records.push_back({std::move(name), b.data(), b.size()});
+    }
+  }
+  return s;
+}
+
+// Hands `n` bytes to write(), repeating for the rest when a raw file object
+// reports a short write. Requires the GIL.
+void write_all(const py::object& write, const uint8_t* data, size_t n) {
+  while (n > 0) {
+    py::object written = write(py::memoryview::from_memory(static_cast<const void*>(data), static_cast<py::ssize_t>(n)));
+    const size_t done = py::isinstance<py::int_>(written) ? written.cast<size_t>() : n;
+    if (done == 0 || done > n) throw py::value_error("write() of the target reported " + std::to_string(done) +
+                                                     " of " + std::to_string(n) + " bytes written");
+    data += done;
+    n -= done;
+  }
+}
+
+// The body of the callable made by persistent_id_filter: `state` is
+// (types, callback). The pickler calls persistent_id for every object it
+// saves (about 19 per tensor); answering None in C for everything that is not
+// a storage keeps that from costing a Python call each. Requires the GIL.
+PyObject* filter_persistent_id(PyObject* state, PyObject* obj) {
+  PyObject* types = PyTuple_GET_ITEM(state, 0);
+  const auto type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); ++i)
+    if (PyTuple_GET_ITEM(types, i) == type) return PyObject_CallOneArg(PyTuple_GET_ITEM(state, 1), obj);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef filter_def = {"persistent_id", filter_persistent_id, METH_O,
+                          "callback(obj) when type(obj) is one of the storage types, else None"};
+
+}  // namespace
+
+void register_writer(py::module_& m) {
+  m.def(
+      "replace_file",
+      [](const std::string& temporary, const std::string& target) {
+        int error = 0;
+        {
+          py::gil_scoped_release release;
+          try {
+            replace_file(temporary, target);
+          } catch (const std::system_error& e) {
+            error = e.code().value();
+          }
+        }
+        if (error != 0) raise_os_error(error, target);
+      },
+      py::arg("temporary"), py::arg("target"),
+      "Moves `temporary` over `target` atomically, by exchange then unlink where the target exists "
+      "(see core/zip_writer.h). Releases the GIL.");
+  m.def(
+      "persistent_id_filter",
+      [](py::tuple types, py::object callback) {
+        for (py::handle t : types)
+          if (!PyType_Check(t.ptr())) throw py::type_error("persistent_id_filter: types must be classes");
+        // The state tuple keeps both alive for as long as the callable lives.
+        PyObject* fn = PyCFunction_New(&filter_def, py::make_tuple(types, callback).ptr());
+        if (fn == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(fn);
+      },
+      py::arg("types"), py::arg("callback"),
+      "A persistent_id for a pickler: callback(obj) when type(obj) is exactly one of `types`, None otherwise "
+      "(answered in C).");
+  m.def(
+      "write_zip",
+      [](py::object target, const py::list& records, std::string prefix, uint64_t alignment, bool compute_crc32,
+         unsigned threads, const std::string& path) {
+        Sources sources = gather(records);
+        ZipWriteOptions options;
+        options.prefix = std::move(prefix);
+        options.alignment = alignment;
+        options.compute_crc32 = compute_crc32;
+        options.threads = threads;
+        if (!py::isinstance<py::int_>(target)) {
+          py::object write = target.attr("write");
+          py::gil_scoped_release release;
+          stream_zip(sources.records, options, [&write](const uint8_t* data, size_t n) {
+            py::gil_scoped_acquire acquire;
+            write_all(write, data, n);
+          });
+          return uint64_t{0};
+        }
+        const int fd = target.cast<int>();
+        int error = 0;
+        uint64_t size = 0;
+        {
+          py::gil_scoped_release release;
+          try {
+            size = write_zip_file(fd, sources.records, options);
+          } catch (const std::system_error& e) {
+            error = e.code().value();
+          }
+        }
+        if (error != 0) raise_os_error(error, path);
+        return size;
+      },
+      py::arg("target"), py::arg("records"), py::arg("prefix"), py::arg("alignment"), py::arg("compute_crc32"),
+      py::arg("threads") = 0, py::arg("path") = "",
+      "Writes torch.save's archive of `records` (name, data) plus the serialization id: to a file "
+      "descriptor from offset 0 with parallel pwrite (returns the size), or in order through "
+      "target.write(memoryview) (returns 0). `path` names the file in an OSError. Releases the GIL except inside write().");
+}
+
+}  // namespace fastckpt::bindings

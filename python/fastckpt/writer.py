@@ -1,0 +1,338 @@
+"""``fastckpt.save``: what ``torch.save`` writes, written natively, in parallel and atomically.
+
+``data.pkl`` is pickled here with torch's persistent-id rules (torch 2.13's ``torch/serialization.py``
+``_save``); the storages go to the native writer, which lays the archive out up front and writes the
+records from several threads with their CRC-32 computed on the way. The result is the file
+``torch.save`` writes, byte for byte (see the README's "Save" section for where that holds).
+"""
+
+from __future__ import annotations
+
+import collections
+import copyreg
+import gc
+import io
+import os
+import pickle
+import secrets
+import stat
+import sys
+
+import torch
+import torch.serialization as _ts
+
+from fastckpt import _native
+
+__all__ = ["save"]
+
+# torch's writer (caffe2 PyTorchStreamWriter) writes this version for torch.save.
+_FORMAT_VERSION_RECORD = b"3\n"
+
+
+def save(
+    obj,
+    f,
+    pickle_module=pickle,
+    pickle_protocol=_ts.DEFAULT_PROTOCOL,
+    _use_new_zipfile_serialization=True,
+    _disable_byteorder_record=False,
+    *,
+    threads=None,
+    atomic=True,
+    fsync=False,
+):
+    """Save `obj` like ``torch.save`` does, with storages written in parallel, CRC-32 included.
+
+    Takes ``torch.save``'s arguments and writes the same archive. Extra keywords:
+
+    * ``threads``: writer threads (default: the CPUs this process may use).
+    * ``atomic`` (default True): for a path, write a temporary file next to the target and rename it
+      over the target only once complete, so a failure or a kill never leaves a torn file (the
+      previous one stays). File objects are written in order, as torch does; ``atomic`` does not
+      apply to them.
+    * ``fsync``: flush the file (and, for an atomic save, its directory) to stable storage.
+
+    ``_use_new_zipfile_serialization=False`` (the legacy format, still atomic) and
+    ``torch.serialization.skip_data`` (in place, as torch does it) are handed to torch's own writer.
+    """
+    torch._C._log_api_usage_once("torch.save")
+    _ts._check_dill_version(pickle_module)
+    _ts._check_save_filelike(f)
+    if isinstance(f, (str, os.PathLike)):
+        f = os.fspath(f)
+    if not _use_new_zipfile_serialization:
+        if _ts._serialization_tls.skip_data:
+            raise RuntimeError("Cannot use skip_data=True with _use_new_zipfile_serialization=False")
+        _write_target(f, atomic, fsync, lambda target: _legacy_save(obj, target, pickle_module, pickle_protocol))
+        return
+    if _ts._serialization_tls.skip_data:  # records without their bytes: a layout for someone else to fill
+        with _ts._open_zipfile_writer(f) as opened:
+            _ts._save(obj, opened, pickle_module, pickle_protocol, _disable_byteorder_record)
+        return
+
+    from torch.utils.serialization import config
+
+    alignment = config.save.storage_alignment
+    compute_crc32 = config.save.compute_crc32
+    prefix = "archive" if not isinstance(f, str) else _archive_name(f)
+    if not isinstance(f, str):
+        _check_writable(f)
+    data_pkl, storages, cpu = _pickle(obj, pickle_module, pickle_protocol)
+    records = _records(data_pkl, storages, cpu, alignment, _disable_byteorder_record)
+
+    def write(target):
+        if isinstance(target, int):
+            _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0, f)
+        else:
+            _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0)
+            target.flush()
+
+    _write_target(f, atomic, fsync, write)
+
+
+def _legacy_save(obj, target, pickle_module, pickle_protocol):
+    """torch's writer of the legacy (pre-zip) format, into a file object or a descriptor."""
+    if isinstance(target, int):
+        with os.fdopen(os.dup(target), "wb") as file:
+            return _legacy_save(obj, file, pickle_module, pickle_protocol)
+    _ts._legacy_save(obj, target, pickle_module, pickle_protocol)
+    target.flush()
+
+
+def _archive_name(path: str) -> str:
+    """The folder torch's writer puts the records in: the file name without its last extension. Raises
+    torch's errors for a name it refuses and for a missing parent directory."""
+    try:
+        path.encode("ascii")
+    except UnicodeEncodeError:
+        return "archive"  # torch writes non-ASCII paths through a Python file object
+    base = path[max(path.rfind("/"), path.rfind("\\")) + 1 :]
+    dot = base.rfind(".")
+    name = base[:dot] if dot >= 0 else base
+    if not name:
+        raise RuntimeError(f"invalid file name: {path}")
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        raise RuntimeError(f"Parent directory {parent} does not exist.")
+    return name
+
+
+def _check_writable(buffer) -> None:
+    if not callable(getattr(buffer, "write", None)):
+        msg = f"Buffer of {str(type(buffer)).strip('<>')} has no callable attribute 'write'"
+        raise (AttributeError if not hasattr(buffer, "write") else TypeError)(msg)
+
+
+def _pickle(obj, pickle_module, pickle_protocol):
+    """data.pkl, the storages it references keyed "0", "1"... in first-pickled order, and the
+    (address, nbytes) of those known to be on the CPU."""
+    storages: dict[str, torch.UntypedStorage] = {}
+    cpu: dict[str, tuple[int, int]] = {}
+    keys: dict[int, str] = {}  # storage._cdata -> key
+    dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype: one memory may not be saved as two dtypes
+    kinds: dict[torch.dtype, tuple] = {}  # dtype -> (legacy storage class, element size), looked up once
+
+    def kind(dtype):
+        k = kinds.get(dtype)
+        if k is None:
+            try:  # TypedStorage._pickle_storage_type()
+                name = torch.storage._dtype_to_storage_type_map()[dtype]
+            except KeyError as e:
+                raise KeyError(f"dtype {dtype} is not recognized") from e
+            k = kinds[dtype] = (getattr(torch, name), torch._utils._element_size(dtype))
+        return k
+
+    def storage_id(o):
+        carried = type(o) is _TensorStorage  # a CPU tensor's, from _reduce_tensor
+        if carried or isinstance(o, torch.storage.TypedStorage):
+            storage, dtype = o if carried else (o._untyped_storage, o.dtype)
+            storage_type, itemsize = kind(dtype)
+            nbytes = storage.nbytes()
+            numel = nbytes // itemsize  # TypedStorage._size()
+        elif torch.is_storage(o):
+            storage, dtype = o, torch.uint8
+            storage_type, nbytes = _ts.normalize_storage_type(type(o)), o.nbytes()
+            numel = nbytes
+        else:
+            return None
+        ptr = storage.data_ptr()
+        if ptr != 0 and (carried or str(storage.device) != "meta"):
+            if dtypes.setdefault(ptr, dtype) != dtype:
+                raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
+        key = keys.setdefault(storage._cdata, str(len(keys)))
+        fake_device = None if carried else getattr(o, "_fake_device", None)
+        location = str(fake_device) if fake_device is not None else _ts.location_tag(storage)
+        storages[key] = storage
+        if carried:
+            cpu[key] = (ptr, nbytes)
+        return ("storage", storage_type, key, location, numel)
+
+    if pickle_module is pickle:
+        # The same stream, minus most of the Python calls per tensor (see _reduce_tensor).
+        class Pickler(pickle.Pickler):
+            persistent_id = _native.persistent_id_filter(_storage_types() + (_TensorStorage,), storage_id)
+            reducer_override = staticmethod(_reduce)
+    else:
+        class Pickler(pickle_module.Pickler):
+            def persistent_id(self, o):
+                return storage_id(o)
+
+    buffer = io.BytesIO()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # pickling makes several objects per tensor; collections meanwhile cost ~30% of it
+    try:
+        Pickler(buffer, protocol=pickle_protocol).dump(obj)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return buffer.getvalue(), storages, cpu
+
+
+def _storage_types() -> tuple:
+    """Every class torch's persistent_id takes for a storage: torch._storage_classes and TypedStorage's subclasses."""
+    found, todo = set(torch._storage_classes), [torch.storage.TypedStorage]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo.extend(cls.__subclasses__())
+    return tuple(found)
+
+
+def _reduce(o):
+    """The pickler's reducer_override: the reduce value torch's own would give, for the two objects every
+    tensor brings (itself and its empty backward-hooks OrderedDict), faster; NotImplemented otherwise."""
+    cls = type(o)
+    if cls is torch.Tensor:
+        return _reduce_tensor(o)
+    if cls is collections.OrderedDict and not o and not o.__dict__:
+        # OrderedDict.__reduce__ gives (OrderedDict, (), None, None, iter([])), which pickles the same,
+        # but asks copyreg for the slot names of OrderedDict (uncacheable) every time.
+        return _EMPTY_ORDERED_DICT
+    return NotImplemented
+
+
+_EMPTY_ORDERED_DICT = (collections.OrderedDict, ())
+
+
+def _reduce_tensor(t):
+    """``Tensor.__reduce_ex__`` of a plain (exactly torch.Tensor) dense CPU tensor without hooks or Python state (torch's fast
+    path, ``_reduce_ex_internal``'s last branch), built with a third of the calls; NotImplemented sends
+    every other object to its own ``__reduce_ex__``."""
+    if (not t.is_cpu or t.layout is not torch.strided or t.is_quantized or t.is_nested or t._backward_hooks
+            or _has_python_state(t)):
+        return NotImplemented
+    dtype = t.dtype
+    if dtype in _NEW_DTYPES:
+        rebuild, storage = torch._utils._rebuild_tensor_v3, t.untyped_storage()
+    else:
+        rebuild, storage = torch._utils._rebuild_tensor_v2, _TensorStorage((t.untyped_storage(), dtype))
+    args = (storage, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad, collections.OrderedDict())
+    if rebuild is torch._utils._rebuild_tensor_v3:
+        args += (dtype,)
+    metadata = torch._C._get_tensor_metadata(t)
+    if metadata:
+        args += (metadata,)
+    return rebuild, args
+
+
+class _TensorStorage(tuple):
+    """(untyped storage, dtype): what the TypedStorage in torch's reduce value carries to persistent_id,
+    which never lets it into the stream; a tuple costs a tenth of a TypedStorage to make."""
+
+    __slots__ = ()
+
+
+_NEW_DTYPES = torch.storage._new_dtypes()
+_TENSOR_SLOTS = copyreg._slotnames(torch.Tensor)
+
+
+def _has_python_state(t) -> bool:
+    """Whether torch._utils._get_obj_state(t) is truthy. Without slots that is a non-empty __dict__;
+    asking object.__getstate__ would recompute torch.Tensor's slot names on every call."""
+    return bool(torch._utils._get_obj_state(t) if _TENSOR_SLOTS else t.__dict__)
+
+
+def _records(data_pkl: bytes, storages: dict, cpu: dict, alignment: int, disable_byteorder: bool) -> list:
+    """Every record in torch's order: (name, bytes), or (name, (address, nbytes)) for a storage (a CPU
+    copy of those elsewhere, kept alive in `storages`)."""
+    if sys.byteorder not in ("little", "big"):
+        raise ValueError("Unknown endianness type: " + sys.byteorder)
+    byteorder = [("byteorder", sys.byteorder.encode())]
+    records = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(alignment).encode())]
+    if not disable_byteorder:
+        records += byteorder
+    for key, storage in storages.items():
+        source = cpu.get(key)
+        if source is None:
+            if storage.device.type != "cpu":
+                storage = storages[key] = _to_cpu(storage)
+            source = (storage.data_ptr(), storage.nbytes())
+        records.append((f"data/{key}", source))
+    records.append(("version", _FORMAT_VERSION_RECORD))
+    if disable_byteorder:
+        records += byteorder  # torch's writer adds it when the caller did not
+    return records
+
+
+def _to_cpu(storage):
+    """A CPU copy of a device storage, through pinned memory when torch.save would use it."""
+    from torch.utils.serialization import config
+
+    acc = torch.accelerator.current_accelerator(check_available=True) if config.save.use_pinned_memory_for_d2h else None
+    if acc is None or acc.type != storage.device.type:
+        return storage.cpu()
+    pinned = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu", pin_memory=True).untyped_storage()
+    pinned.copy_(storage)
+    torch.accelerator.current_stream(storage.device.index).synchronize()
+    return pinned
+
+
+def _write_target(f, atomic: bool, fsync: bool, write) -> None:
+    """Calls write(fd) for a path (atomically: a temporary file renamed over `f`), write(file) otherwise."""
+    if not isinstance(f, str):
+        write(f)
+        return
+    path = os.path.realpath(f) if os.path.islink(f) else f  # replace the file a link points to, not the link
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "wb") as file:  # a device or a pipe: written in order, in place
+            write(file)
+        return
+    if not atomic:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            write(fd)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))  # the replaced file's permissions, as an in-place write keeps
+            write(fd)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        _native.replace_file(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
