@@ -24,10 +24,12 @@ _LAZY = {
 
 def __getattr__(name):
     # torch is imported on first use of the loader, not by `import fastckpt`.
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "distributed":  # a submodule: imports torch.distributed
+        return importlib.import_module("fastckpt.distributed")
     raise AttributeError(f"module 'fastckpt' has no attribute {name!r}")
 
 __all__ = [
