@@ -78,11 +78,13 @@ def load(f, map_location=None, pickle_module=None, *, group=None, weights_only=N
     opts = dict(pickle_module=pickle_module, weights_only=wo, threads=threads or DEFAULT_THREADS,
                 pickle_load_args=pickle_load_args)
     check_crc = loader._resolve_verify(verify) is not False
-    if plan["kind"] == "file" and partial:
+    # Ranks may differ: some ask for parts, others for everything; the metadata round is collective.
+    if plan["kind"] == "file" and any(comm.all_gather_json(partial)):
         meta = [_metadata_segments(files[0])]
         _fetch(comm, files, images, [meta] * comm.size, check_crc, opts["threads"])
-        wanted = comm.agree(lambda: [_wanted_spans(files[0], images[0], keys, slices, opts)])
-    elif plan["kind"] == "sharded" and keys is not None:
+        wanted = comm.agree(lambda: [_wanted_spans(files[0], images[0], keys, slices, opts) if partial
+                                     else [[0, files[0]["size"]]]])
+    elif plan["kind"] == "sharded":
         wanted = comm.agree(lambda: _wanted_shards(plan, keys))
     else:
         wanted = [[[0, file["size"]]] for file in files]
