@@ -97,6 +97,9 @@ def scenario_errors(paths, rank, n):
     seen.append(expect_error(FileNotFoundError, lambda: fd.load(paths["single"] + ".missing")))
     seen.append(expect_error(KeyError, lambda: fd.load(paths["single"], keys=["nope"] if rank == n - 1 else None)))
     seen.append(expect_error(fastckpt.FormatError, lambda: fd.load(paths["notckpt"])))
+    seen.append(expect_error(fastckpt.FormatError, lambda: fd.load(paths["badindex"])))
+    seen.append(expect_error(fastckpt.UnsafeGlobalError, lambda: fd.load(paths["unsafe"])))
+    assert_same(fd.load(paths["unsafe"], weights_only=False), torch.load(paths["unsafe"], weights_only=False))
     assert_same(fd.load(paths["single"]), torch.load(paths["single"]))  # the group still works
     return seen
 
@@ -118,6 +121,18 @@ def scenario_cuda(paths, rank, n):
     for k, v in got.items():
         assert v.device == torch.device(device) and torch.equal(v, ref[k][slices(k, tuple(ref[k].shape))]), k
     return "ok"
+
+
+def scenario_stalls(paths, rank, n):
+    if rank == 1:
+        real = fd._read_pieces
+        fd._read_pieces = lambda *args: (time.sleep(3 * TIMEOUT_STALL_S), real(*args))
+    start = time.monotonic()
+    error = expect_error(fd.CollectiveError, lambda: fd.load(paths["single"]))
+    return [error, time.monotonic() - start]
+
+
+TIMEOUT_STALL_S = 3
 
 
 def main(rank, n, init_file, scenarios, paths, out, timeout_s, backend):

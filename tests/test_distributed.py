@@ -4,6 +4,7 @@ file:// rendezvous only); every rank compares its result with torch.load."""
 from __future__ import annotations
 
 import collections
+import fractions
 import json
 import multiprocessing
 import os
@@ -47,6 +48,10 @@ def paths(tmp_path_factory):
     corrupt.write_bytes(flip_byte(data, last, index=5))
     notckpt = root / "notckpt.pt"
     notckpt.write_bytes(b"hello, not a checkpoint" * 10)
+    unsafe = root / "unsafe.pt"
+    torch.save({"w": torch.ones(3), "ratio": fractions.Fraction(1, 3)}, unsafe)  # not on torch's allowlist
+    badindex = root / "bad.index.json"
+    badindex.write_text(json.dumps({"weight_map": {"w": "../single.pt"}}))
     sharded = root / "sharded"
     sharded.mkdir()
     keys = list(state)
@@ -57,7 +62,7 @@ def paths(tmp_path_factory):
         weight_map.update({k: f"model-{i + 1:05d}-of-00003.pt" for k in shard})
     (sharded / "model.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return {name: str(p) for name, p in dict(single=single, tiny=tiny, corrupt=corrupt, notckpt=notckpt,
-                                              sharded=sharded).items()}
+                                              unsafe=unsafe, badindex=badindex, sharded=sharded).items()}
 
 
 def run_group(n, scenarios, paths, tmp_path, timeout_s=TIMEOUT_S, backend="gloo"):
@@ -117,6 +122,15 @@ def test_dead_rank_ends_the_others(paths, tmp_path):
     assert "error" not in reports[0]["dies"], reports[0]["dies"]["traceback"]
     message, seconds = reports[0]["dies"]["ok"]
     assert message.startswith("CollectiveError") and seconds < 10 + 5, (message, seconds)
+
+
+def test_stalled_rank_ends_the_others_within_the_timeout(paths, tmp_path):
+    timeout = distributed_worker.TIMEOUT_STALL_S
+    reports, codes = run_group(2, ["stalls"], paths, tmp_path, timeout_s=timeout)
+    for rank in (0, 1):  # the stalled rank, once awake, finds the group gone: an error, not a hang
+        message, seconds = reports[rank]["stalls"]["ok"]
+        assert message.startswith("CollectiveError"), message
+    assert reports[0]["stalls"]["ok"][1] < timeout + 3
 
 
 @pytest.mark.cuda
