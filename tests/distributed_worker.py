@@ -126,7 +126,7 @@ def scenario_cuda(paths, rank, n):
 def scenario_stalls(paths, rank, n):
     if rank == 1:
         real = fd._read_pieces
-        fd._read_pieces = lambda *args: (time.sleep(3 * TIMEOUT_STALL_S), real(*args))
+        fd._read_pieces = lambda *args: (time.sleep(2 * TIMEOUT_STALL_S), real(*args))
     start = time.monotonic()
     error = expect_error(fd.CollectiveError, lambda: fd.load(paths["single"]))
     return [error, time.monotonic() - start]
