@@ -7,7 +7,6 @@ import collections
 import fractions
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 
