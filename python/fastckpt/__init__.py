@@ -29,10 +29,12 @@ _LAZY = {
 def __getattr__(name):
     # torch is imported on first use of the loader or the writer, not by `import fastckpt`
     # (fastckpt.open, load_sharded's index reading and convert never import it).
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "distributed":  # a submodule: imports torch.distributed
+        return importlib.import_module("fastckpt.distributed")
     raise AttributeError(f"module 'fastckpt' has no attribute {name!r}")
 
 __all__ = [
