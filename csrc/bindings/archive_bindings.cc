@@ -176,7 +176,8 @@ void register_archive(py::module_& m) {
       .def("__contains__", [](const Archive& a, const std::string& name) {
         return a.index.find(name) != nullptr;
       })
-      .def("record", [](const Archive& a, const std::string& name) { return record_dict(a.record(name)); })
+      .def("record", [](const Archive& a, const std::string& name) { return record_dict(a.record(name)); },
+           py::arg("name"))
       .def("view", [](const Archive& a, const std::string& name) { return stored_view(a, a.record(name)); },
            py::arg("name"), "Zero-copy writable view of a stored record (copy-on-write for files).")
       .def("whole", [](const Archive& a) { return ByteView{a.file, a.file->mutable_data(), a.file->size()}; },
