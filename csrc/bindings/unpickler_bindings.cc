@@ -133,7 +133,6 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       for (py::handle c : ctx_.attr("checked_callables")) checked_callables_.push_back(py::reinterpret_borrow<py::object>(c));
     }
     empty_shape_ = py::make_tuple(0);
-    zero_ = py::int_(0);
     // Names used per tensor, made once: attribute lookups by C string would
     // build and hash a new str on every call.
     name_set_ = py::str("set_");
@@ -599,7 +598,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_, zero_;
+  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_;
   py::object checkpoint_error_, unpickling_error_;
   std::vector<py::object> checked_callables_;  // weights_only: REDUCE on these goes through ctx.reduce
   std::unordered_map<std::string, Value> globals_;

@@ -21,7 +21,6 @@ int to_madvise(Advice advice) {
   switch (advice) {
     case Advice::Sequential: return MADV_SEQUENTIAL;
     case Advice::Random: return MADV_RANDOM;
-    case Advice::WillNeed: return MADV_WILLNEED;
     case Advice::DontNeed: return MADV_DONTNEED;
     default: return MADV_NORMAL;
   }

@@ -10,7 +10,7 @@
 
 namespace fastckpt {
 
-enum class Advice { Normal, Sequential, Random, WillNeed, DontNeed };
+enum class Advice { Normal, Sequential, Random, DontNeed };
 
 class MappedFile {
  public:
