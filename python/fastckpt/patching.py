@@ -28,21 +28,11 @@ import threading
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "original_load"]
 
-# The attributes we replace: (module name, attribute name).
-_TARGETS = (("torch", "load"), ("torch.serialization", "load"))
-
 _lock = threading.Lock()
-_saved: dict[tuple[str, str], object] = {}  # what each target held before patch()
-_wrapper = None  # the installed wrapper, None when not patched
 _verify = None  # `verify` for patched calls (None: fastckpt.load's default)
 _blocks = 0  # `with patched()` blocks open, in all threads
 _blocks_patched = False  # whether the first of them patched (then the last one unpatches)
 _inside_fastckpt = contextvars.ContextVar("fastckpt_inside_load", default=False)
-
-# torch.save, replaced only by patch(save=True); fastckpt.save never calls torch.save, so no guard.
-_SAVE_TARGETS = (("torch", "save"), ("torch.serialization", "save"))
-_saved_save: dict[tuple[str, str], object] = {}
-_save_wrapper = None
 
 
 def loader_module():
@@ -57,8 +47,42 @@ def _modules():
     return {"torch": torch, "torch.serialization": torch.serialization}
 
 
-def _make_wrapper(original):
-    @functools.wraps(original)
+class _Replacement:
+    """One torch function replaced in ``torch`` and ``torch.serialization`` by one wrapper.
+    Every method requires _lock."""
+
+    def __init__(self, attribute: str, make_wrapper):
+        self.targets = (("torch", attribute), ("torch.serialization", attribute))
+        self._make_wrapper = make_wrapper
+        self._saved: dict[tuple[str, str], object] = {}  # what each target held before install()
+        self.wrapper = None  # None when not installed
+
+    def installed(self, mods) -> bool:
+        return self.wrapper is not None and getattr(mods["torch"], self.targets[0][1]) is self.wrapper
+
+    def install(self, mods) -> None:
+        """Idempotent: installing twice, then removing once, restores the original."""
+        if self.wrapper is None:
+            self._saved = {(m, a): getattr(mods[m], a) for m, a in self.targets}
+            original = self._saved[self.targets[1]]
+            self.wrapper = functools.wraps(original)(self._make_wrapper(original))
+            self.wrapper.__signature__ = inspect.signature(original)
+            self.wrapper.__fastckpt_original__ = original
+        for m, a in self.targets:
+            setattr(mods[m], a, self.wrapper)
+
+    def remove(self, mods) -> None:
+        """Leaves alone an attribute someone else replaced after install()."""
+        if self.wrapper is None:
+            return
+        for m, a in self.targets:
+            if getattr(mods[m], a) is self.wrapper:
+                setattr(mods[m], a, self._saved[(m, a)])
+        self._saved.clear()
+        self.wrapper = None
+
+
+def _load_wrapper(original):
     def load(*args, **kwargs):
         if _inside_fastckpt.get():
             return original(*args, **kwargs)
@@ -70,53 +94,31 @@ def _make_wrapper(original):
         finally:
             _inside_fastckpt.reset(token)
 
-    load.__signature__ = inspect.signature(original)
-    load.__fastckpt_original__ = original
     return load
 
 
-def _make_save_wrapper(original):
-    @functools.wraps(original)
+def _save_wrapper(original):
+    # fastckpt.save never calls torch.save, so no guard against recursion is needed.
     def save(*args, **kwargs):
         return importlib.import_module("fastckpt.writer").save(*args, **kwargs)
 
-    save.__signature__ = inspect.signature(original)
-    save.__fastckpt_original__ = original
     return save
 
 
-def _patch_save(mods) -> None:
-    """Requires _lock."""
-    global _save_wrapper
-    if _save_wrapper is None:
-        _saved_save.update({(m, a): getattr(mods[m], a) for m, a in _SAVE_TARGETS})
-        _save_wrapper = _make_save_wrapper(_saved_save[("torch.serialization", "save")])
-    for m, a in _SAVE_TARGETS:
-        setattr(mods[m], a, _save_wrapper)
-
-
-def _unpatch_save(mods) -> None:
-    """Requires _lock. Leaves alone an attribute someone else replaced after patching."""
-    global _save_wrapper
-    if _save_wrapper is None:
-        return
-    for m, a in _SAVE_TARGETS:
-        if getattr(mods[m], a) is _save_wrapper:
-            setattr(mods[m], a, _saved_save[(m, a)])
-    _saved_save.clear()
-    _save_wrapper = None
+_load = _Replacement("load", _load_wrapper)
+_save = _Replacement("save", _save_wrapper)  # only by patch(save=True)
 
 
 def is_patched() -> bool:
     """Whether ``torch.load`` is currently fastckpt's wrapper."""
-    return _wrapper is not None and _modules()["torch"].load is _wrapper
+    return _load.installed(_modules())
 
 
 def original_load():
     """torch's own ``torch.serialization.load``, whether or not :func:`patch` is active."""
     with _lock:
-        if _wrapper is not None:
-            return _wrapper.__fastckpt_original__
+        if _load.wrapper is not None:
+            return _load.wrapper.__fastckpt_original__
     return _modules()["torch.serialization"].load
 
 
@@ -127,24 +129,13 @@ def patch(verify: bool | None = None, *, save: bool = False) -> None:
     for ``mmap=True`` loads; False: none); None keeps ``load``'s default (and ``FASTCKPT_VERIFY``).
     ``save=True``: ``torch.save`` and ``torch.serialization.save`` also call ``fastckpt.save``.
     """
+    global _verify
     with _lock:
+        mods = _modules()
         if save:
-            _patch_save(_modules())
-        _patch_locked(verify)
-
-
-def _patch_locked(verify) -> None:
-    global _wrapper, _verify
-    mods = _modules()
-    _verify = verify
-    if _wrapper is not None and all(getattr(mods[m], a) is _wrapper for m, a in _TARGETS):
-        return
-    if _wrapper is None:
-        _saved.clear()
-        _saved.update({(m, a): getattr(mods[m], a) for m, a in _TARGETS})
-        _wrapper = _make_wrapper(_saved[("torch.serialization", "load")])
-    for m, a in _TARGETS:
-        setattr(mods[m], a, _wrapper)
+            _save.install(mods)
+        _verify = verify
+        _load.install(mods)
 
 
 def unpatch() -> None:
@@ -154,20 +145,14 @@ def unpatch() -> None:
     An attribute someone else replaced after :func:`patch` is left as it is. No-op when not patched.
     """
     with _lock:
-        _unpatch_save(_modules())
         _unpatch_locked()
 
 
 def _unpatch_locked() -> None:
-    global _wrapper, _verify
+    global _verify
     mods = _modules()
-    if _wrapper is None:
-        return
-    for m, a in _TARGETS:
-        if getattr(mods[m], a) is _wrapper:
-            setattr(mods[m], a, _saved[(m, a)])
-    _saved.clear()
-    _wrapper = None
+    _save.remove(mods)
+    _load.remove(mods)
     _verify = None
 
 
@@ -178,12 +163,14 @@ def patched(verify: bool | None = None):
     Blocks nest and may overlap in several threads: the first to enter patches (unless torch was
     already patched), the last to leave restores. ``verify`` as for :func:`patch`.
     """
-    global _blocks, _blocks_patched
+    global _blocks, _blocks_patched, _verify
     with _lock:
         if _blocks == 0:
-            _blocks_patched = not (_wrapper is not None and _modules()["torch"].load is _wrapper)
+            mods = _modules()
+            _blocks_patched = not _load.installed(mods)
             if _blocks_patched:
-                _patch_locked(verify)
+                _verify = verify
+                _load.install(mods)
         _blocks += 1
     try:
         yield
