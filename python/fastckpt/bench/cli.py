@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "warm and cold page cache, checked for correctness; ratios measured side by side.",
         epilog="Checkpoints are generated once and cached (--cache-dir, default $FASTCKPT_BENCH_DIR or "
                "~/.cache/fastckpt-bench). Progress goes to stderr, the table to stdout.")
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="your own .pt/.bin checkpoints to benchmark (instead of generated ones; .pt contenders only)")
     p.add_argument("--quick", action="store_true",
                    help=f"a small representative run (about a minute): {', '.join(QUICK)}, warm, 2 rounds")
     p.add_argument("-c", "--checkpoints", metavar="SPEC,...",
@@ -50,8 +52,11 @@ def _split(text: str) -> list[str]:
 def config_from_args(args: argparse.Namespace, log) -> "runner.Config":  # noqa: F821
     from fastckpt.bench import runner
 
-    specs = [generate.parse_spec(s) for s in (_split(args.checkpoints) if args.checkpoints
-                                              else QUICK if args.quick else FULL)]
+    if args.files:
+        specs = [generate.UserFile(path) for path in args.files]
+    else:
+        specs = [generate.parse_spec(s) for s in (_split(args.checkpoints) if args.checkpoints
+                                                  else QUICK if args.quick else FULL)]
     if args.scenario:
         wanted = _split(args.scenario)
         unknown = set(wanted) - set(generate.SCENARIOS)

@@ -38,8 +38,9 @@ def _fastckpt_load(weights_only: bool, mmap: bool):
     def make(path: str, device: str):
         import fastckpt
 
+        load = fastckpt.load  # imports fastckpt.loader now, not in the timed call
         location = None if device == "cpu" else device
-        return lambda: fastckpt.load(path, map_location=location, weights_only=weights_only, mmap=mmap)
+        return lambda: load(path, map_location=location, weights_only=weights_only, mmap=mmap)
 
     return make
 

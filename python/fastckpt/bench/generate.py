@@ -103,8 +103,22 @@ def default_cache_dir() -> str:
     return os.environ.get("FASTCKPT_BENCH_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastckpt-bench")
 
 
-def ensure(spec: Spec, cache_dir: str, log: Callable[[str], None] = lambda msg: None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class UserFile:
+    """A checkpoint of the user's own (`fastckpt bench FILE...`): timed as it is, .pt contenders only."""
+
+    path: str
+    scenario = "file"
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def ensure(spec: Spec | UserFile, cache_dir: str, log: Callable[[str], None] = lambda msg: None) -> dict:
     """The manifest of `spec` in `cache_dir`, generating the files first unless a valid copy is cached."""
+    if isinstance(spec, UserFile):
+        return _user_manifest(spec, log)
     manifest_path = os.path.join(cache_dir, spec.name + ".json")
     manifest = _cached(manifest_path)
     if manifest is not None:
@@ -118,6 +132,22 @@ def ensure(spec: Spec, cache_dir: str, log: Callable[[str], None] = lambda msg: 
                          f"smaller sizes or another --cache-dir")
     log(f"generating {spec.name} (~{need / 2e9:.2f} GB x 2 formats) in {cache_dir}")
     return _write(spec, cache_dir, manifest_path)
+
+
+def _user_manifest(spec: UserFile, log) -> dict:
+    """The reference for correctness is torch.load's own result (weights_only=False: the user's file)."""
+    import torch
+
+    from fastckpt.bench.digest import digest, flatten
+
+    if not os.path.isfile(spec.path):
+        raise BenchError(f"{spec.path}: no such file")
+    log(f"reading {spec.path} once with torch.load for the reference digest")
+    obj = torch.load(spec.path, weights_only=False, map_location="cpu")
+    return {"name": spec.name, "scenario": spec.scenario, "dtype": "?",
+            "files": {"pt": {"path": os.path.abspath(spec.path), "bytes": os.path.getsize(spec.path)}},
+            "elements": sum(t.numel() for _, t in flatten(obj) if isinstance(t, torch.Tensor)),
+            "digest": digest(obj)}
 
 
 def estimate_bytes(spec: Spec) -> int:

@@ -79,6 +79,7 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
 def run_case(manifest: dict, mode: str, device: str, contenders: list[Contender], rounds: int,
              progress: "_Progress") -> dict:
     case = {"checkpoint": manifest["name"], "mode": mode, "device": device, "samples": []}
+    contenders = [c for c in contenders if c.fmt in manifest["files"]]  # a user's .pt has no .safetensors twin
     if mode == "warm":
         # The warm-up: every file read once, then checked resident (each worker records it again).
         case["warmup_resident"] = {fmt: coldcache.warm(manifest["files"][fmt]["path"])
