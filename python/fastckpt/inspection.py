@@ -170,12 +170,17 @@ def _describe(obj, label: str, indent: str, lines: list[str], max_items: int) ->
 
 def read_tree(path, placeholders: bool = True):
     """(archive, object tree) of a torch.save checkpoint, with descriptors for tensors; no torch, nothing run."""
+    archive = _archive_or_value_error(path)
+    return archive, tree_of(archive, placeholders)
+
+
+def tree_of(archive, placeholders: bool = True):
+    """The object tree of an opened archive, tensors as descriptors (see read_tree)."""
     from fastckpt import _descriptors, _native
     from fastckpt.archive import check_version, read_data_pickle
 
-    archive = _archive_or_value_error(path)
     check_version(archive)
-    return archive, _native.read_tree(read_data_pickle(archive), _descriptors, archive, placeholders)
+    return _native.read_tree(read_data_pickle(archive), _descriptors, archive, placeholders)
 
 
 def tensors_by_record(tree) -> dict[str, list[str]]:

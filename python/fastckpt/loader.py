@@ -310,39 +310,20 @@ def _resolve_verify(verify):
     return verify
 
 
-def _tensor_paths(archive, record: str) -> list[str]:
-    """The key paths ("model.layer.weight", "0.bias") of the tensors over `record`, from a lazy
-    weights_only re-read of the same archive (nothing is executed; no storage bytes are read)."""
-    obj = _load_archive(archive, None, None, weights_only=True, mmap=True, verify=False, threads=1,
-                        pickle_load_args={"encoding": "utf-8"})
-    base = torch.frombuffer(archive.whole(), dtype=torch.uint8).data_ptr() if len(archive.whole()) else 0
-    offset = archive.record(record)["data_offset"]
-    found, stack = [], [("", obj)]
-    while stack and len(found) < 4:
-        path, value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            if value.layout is torch.strided and not value.is_nested:  # others have no single storage
-                storage = value.untyped_storage()
-                if storage.nbytes() and storage.data_ptr() == base + offset:
-                    found.append(path)
-        elif isinstance(value, dict):
-            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(value.items()))
-        elif isinstance(value, (list, tuple)):
-            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in reversed(list(enumerate(value))))
-    return found
+def _integrity_message(error: IntegrityError, archive) -> str:
+    """Adds the tensors the bad record belongs to (read by the torch-free reader: nothing is run)
+    and how to load anyway."""
+    from fastckpt.inspection import tensors_by_record, tree_of
 
-
-def _integrity_message(error: IntegrityError, archive, weights_only: bool) -> str:
-    """Adds the tensors the bad record belongs to (when a re-read is safe) and how to load anyway."""
     text = str(error)
     m = re.search(r"record '(data/[^']+)'", text)
-    if m and weights_only:
+    if m:
         try:
-            paths = _tensor_paths(archive, m.group(1))
+            paths = tensors_by_record(tree_of(archive)).get(m.group(1), [])
         except CheckpointError:
             paths = []
         if paths:
-            text += f"\nIt holds the tensor(s): {', '.join(paths)}."
+            text += f"\nIt holds the tensor(s): {', '.join(paths[:4])}."
     return text + "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
                   "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
 
@@ -390,4 +371,4 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
             verify=_resolve_verify(verify), threads=threads or 0, pickle_load_args=pickle_load_args,
         )
     except IntegrityError as e:
-        raise IntegrityError(_integrity_message(e, archive, weights_only)) from None
+        raise IntegrityError(_integrity_message(e, archive)) from None
