@@ -115,3 +115,16 @@ def test_console_script(small_ckpt):
         pytest.skip("the fastckpt console script is not on PATH")
     run = subprocess.run([exe, "verify", str(small_ckpt)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "OK", run.stderr
+
+
+def test_verify_reports_progress_in_batches(tmp_path, monkeypatch):
+    import fastckpt.archive as archive_mod
+
+    monkeypatch.setattr(archive_mod, "_PROGRESS_BATCH_BYTES", 1000)
+    p = tmp_path / "p.pt"
+    torch.save({f"t{i}": torch.arange(300.0) for i in range(5)}, p)
+    done = []
+    report = fastckpt.verify(p, progress=done.append)
+    assert report.ok and len(done) > 1
+    assert sum(done) == sum(r.size for r in report.records)
+    assert fastckpt.verify(p).records == report.records

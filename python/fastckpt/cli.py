@@ -8,6 +8,7 @@ checkpoint, truncated or malformed), or bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -34,11 +35,32 @@ def _files(path, command: str) -> list[str]:
     raise _Unreadable(what)
 
 
+# Inputs at least this large get a progress bar (tqdm, when installed and stderr is a terminal).
+_PROGRESS_FROM_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def _progress(total: int, what: str):
+    """A callable taking bytes done, or None when no bar is shown."""
+    tqdm = None
+    if total >= _PROGRESS_FROM_BYTES and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+    if tqdm is None:
+        yield None
+        return
+    with tqdm(total=total, desc=what, unit="B", unit_scale=True, file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
 def _verify_file(path: str, threads) -> dict:
     from fastckpt.archive import verify
     from fastckpt.inspection import read_tree, tensors_by_record
 
-    report = verify(path, threads=threads)
+    with _progress(os.path.getsize(path), f"verify {os.path.basename(path)}") as progress:
+        report = verify(path, threads=threads, progress=progress)
     owners: dict[str, list[str]] = {}
     if not report.ok:
         try:  # name the tensors a bad record belongs to (the pickle itself may be the bad record)
@@ -103,8 +125,10 @@ def _inspect(args) -> int:
 def _convert(args) -> int:
     from fastckpt.converter import convert
 
-    _files(args.src, "convert")  # says what the input is when it is not a checkpoint
-    written = convert(args.src, args.dst, max_shard_size=args.max_shard_size, drop_non_tensors=args.drop_non_tensors)
+    total = sum(os.path.getsize(f) for f in _files(args.src, "convert"))
+    with _progress(total, f"convert {os.path.basename(os.fspath(args.src))}") as progress:
+        written = convert(args.src, args.dst, max_shard_size=args.max_shard_size,
+                          drop_non_tensors=args.drop_non_tensors, progress=progress)
     for path in written:
         print(path)
     return EXIT_OK
