@@ -9,5 +9,6 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32_combine,
     crc32_implementation,
     read_tree,
+    scan_storages,
     unpickle,
 )
