@@ -49,7 +49,8 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
         ceilings = call_python("fastckpt.bench.ceilings", {
             "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES})
     plan = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
-    progress = _Progress(len(plan) * config.rounds * len(config.contenders), log)
+    runs = sum(c.runs_on(device) for _, device, _ in plan for c in config.contenders)
+    progress = _Progress(runs * config.rounds, log)
     cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in plan]
     results = {
         "schema": SCHEMA,
@@ -79,6 +80,7 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
 def run_case(manifest: dict, mode: str, device: str, contenders: list[Contender], rounds: int,
              progress: "_Progress") -> dict:
     case = {"checkpoint": manifest["name"], "mode": mode, "device": device, "samples": []}
+    contenders = [c for c in contenders if c.runs_on(device)]
     if mode == "warm":
         # The warm-up: every file read once, then checked resident (each worker records it again).
         case["warmup_resident"] = {fmt: coldcache.warm(manifest["files"][fmt]["path"])
