@@ -81,7 +81,7 @@ else:
         vs = " ".join(f"{1 / ratios[('fastckpt', b)]:.1f}x {b}" for b in ("torch", "st-load") if ("fastckpt", b) in ratios)
         line.append(f"{case['mode']}: fastckpt {s['gbps']:.1f} GB/s"
                     + (f" = {ceiling['percent']:.0f}% of {ceiling['name']} {ceiling['gbps']:.1f} GB/s" if ceiling else "")
-                    + f", faster than: {vs}, +RSS {s['rss_growth_bytes']['median'] / 1e6:.0f} MB"
+                    + f", speed-up: {vs}, +RSS {s['rss_growth_bytes']['median'] / 1e6:.0f} MB"
                     + (f", dev peak {s['cuda_max_allocated']['median'] / 1e9:.2f} GB" if s["cuda_max_allocated"] else "")
                     + ("" if s["correct"] else ", WRONG RESULT"))
     c = results.get("ceilings") or {}

@@ -60,8 +60,8 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "config": {
             "checkpoints": [s.name for s in config.checkpoints],
-            "contenders": [{"id": c.id, "label": c.label, "family": c.family, "fmt": c.fmt, "lazy": c.lazy}
-                           for c in config.contenders],
+            "contenders": [{"id": c.id, "label": c.label, "family": c.family, "fmt": c.fmt, "lazy": c.lazy,
+                            "device_only": c.device_only} for c in config.contenders],
             "modes": config.modes,
             "devices": config.devices,
             "rounds": config.rounds,
