@@ -13,6 +13,7 @@
 #include "core/copy_engine.h"
 #include "core/crc32.h"
 #include "core/errors.h"
+#include "core/storage_scan.h"
 
 namespace fastckpt::bindings {
 namespace {
@@ -89,6 +90,27 @@ void register_archive(py::module_& m) {
       PyErr_SetObject(PyExc_OSError, args.ptr());
     }
   });
+
+  m.def(
+      "scan_storages",
+      [](py::bytes pickle) {
+        std::string_view data = pickle;
+        std::vector<StorageRef> refs;
+        {
+          py::gil_scoped_release release;
+          refs = scan_storages(reinterpret_cast<const uint8_t*>(data.data()), data.size());
+        }
+        auto text = [](const std::string& s) {
+          PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+          if (o == nullptr) throw py::error_already_set();
+          return py::reinterpret_steal<py::str>(o);
+        };
+        py::list out;
+        for (const StorageRef& r : refs) out.append(py::make_tuple(text(r.key), text(r.location)));
+        return out;
+      },
+      py::arg("pickle"),
+      "(key, location) of every storage a data pickle names, once each, in first-use order (GIL released).");
 
   py::class_<ByteView>(m, "ByteView", py::buffer_protocol(),
                        "Writable 1-D bytes that keep their archive's memory alive.")
@@ -225,6 +247,40 @@ void register_archive(py::module_& m) {
           },
           py::arg("name"), py::arg("dest"), py::arg("check_crc") = true, py::arg("threads") = 0,
           "Copy a stored record into a writable buffer of exactly its size (GIL released).")
+      .def(
+          "read_ranges",
+          [](const Archive& a, py::buffer dest, const std::vector<std::tuple<uint64_t, uint64_t, uint64_t>>& ranges,
+             bool check_crc, unsigned threads) {
+            BorrowedBuffer out(dest, /*writable=*/true);
+            std::vector<CopyTask> tasks;
+            tasks.reserve(ranges.size());
+            for (const auto& [file_offset, length, dest_offset] : ranges) {
+              if (!range_within(dest_offset, length, out.size()))
+                throw py::value_error("read_ranges: a range runs past the end of the destination");
+              // SAFETY: [dest_offset, dest_offset + length) lies inside `out` (checked above);
+              // the file side is bounds-checked by the copy engine.
+              tasks.push_back({file_offset, length, out.data() + dest_offset, check_crc});
+            }
+            std::vector<CopyResult> results = copies_without_gil(a, tasks, threads);
+            std::vector<uint32_t> crcs;
+            crcs.reserve(results.size());
+            for (const CopyResult& r : results) crcs.push_back(r.crc32);
+            return crcs;
+          },
+          py::arg("dest"), py::arg("ranges"), py::arg("check_crc") = true, py::arg("threads") = 0,
+          "Copy (file offset, length, dest offset) ranges into `dest` (GIL released); the CRC-32 of each "
+          "range (0 when check_crc is false). Ranges may be parts of records: combine with crc32_combine.")
+      .def(
+          "check_crcs",
+          [](const Archive& a, const std::vector<std::string>& names, const std::vector<uint32_t>& crcs) {
+            if (names.size() != crcs.size()) throw py::value_error("check_crcs: one CRC per name");
+            for (size_t i = 0; i < names.size(); ++i) {
+              const ZipRecord& r = a.record(names[i]);
+              fastckpt::check_crc(r, crcs[i]);
+            }
+          },
+          py::arg("names"), py::arg("crcs"),
+          "Raise IntegrityError for the first record whose computed CRC-32 does not match its stored one.")
       .def(
           "read_records_async",
           [](std::shared_ptr<Archive> a, const std::vector<std::string>& names, bool check_crc,

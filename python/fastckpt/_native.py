@@ -11,6 +11,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     persistent_id_filter,
     read_tree,
     replace_file,
+    scan_storages,
     unpickle,
     write_zip,
 )

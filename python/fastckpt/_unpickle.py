@@ -18,6 +18,7 @@ from torch import _weights_only_unpickler as _wo
 from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
 
 from fastckpt import _native
+from fastckpt.devices import map_target
 from fastckpt.errors import CheckpointError, LimitError, MetadataError, RecordError, UnsafeGlobalError
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
@@ -66,11 +67,13 @@ class Storages:
     """Makes the storages of one load, like torch's ``persistent_load`` + ``load_tensor``.
 
     `source(name, nbytes)` returns a CPU ``UntypedStorage`` over the record's
-    bytes (a slice of the mapping, of the eager arena, or freshly read).
+    bytes (a slice of the mapping, of the eager arena, or freshly read); keys in
+    `staged` (a ``devices.Stager``) get their device storage from it instead.
     """
 
-    def __init__(self, source, map_location, *, byteswap: bool, meta: bool, offsets):
+    def __init__(self, source, map_location, *, byteswap: bool, meta: bool, offsets, staged=None):
         self._source = source
+        self._staged = staged if staged is not None else ()
         self._map_location = map_location
         self._restore_location = _get_restore_location(map_location)
         self._byteswap = byteswap
@@ -86,16 +89,7 @@ class Storages:
 
     def fast_location(self, location: str) -> bool:
         """Whether a storage tagged `location` ends up as the unchanged CPU storage."""
-        m = self._map_location
-        if m is None:
-            target = location
-        elif isinstance(m, dict):
-            target = m.get(location, location)
-        elif isinstance(m, (str, torch.device)):
-            target = str(m)
-        else:
-            return False  # a callable must see every storage
-        return target == "cpu"
+        return map_target(self._map_location, location) == "cpu"  # None: a callable must see every storage
 
     @staticmethod
     def storage_dtype(storage_type):
@@ -144,6 +138,8 @@ class Storages:
             if name not in self._data_offset:
                 raise RecordError(f"record '{name}' not found in the archive")
             storage._checkpoint_offset = self._data_offset[name]
+        elif key in self._staged:
+            storage = self._staged.storage(key, nbytes)
         else:
             storage = self._source(name, nbytes)
             if self._byteswap:

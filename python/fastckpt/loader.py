@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import os
@@ -13,9 +14,17 @@ import numpy
 import torch
 from torch.serialization import UNSAFE_MESSAGE
 
-from fastckpt import _native
+from fastckpt import _native, devices
 from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
-from fastckpt.archive import byteorder_record, check_storage_alignment, check_version, open_archive, read_data_pickle, read_record
+from fastckpt.archive import (
+    byteorder_record,
+    check_storage_alignment,
+    check_version,
+    checked_record,
+    open_archive,
+    read_data_pickle,
+    read_record,
+)
 from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, RecordError, UnpicklingError
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -157,7 +166,7 @@ class _StorageSource:
     """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read into
     memory of each record's own."""
 
-    def __init__(self, archive, *, mmap: bool, threads: int, check_crc: bool):
+    def __init__(self, archive, *, mmap: bool, threads: int, check_crc: bool, staged: set[str]):
         self.archive = archive
         self.job = None
         self._finished = False
@@ -169,14 +178,13 @@ class _StorageSource:
         if mmap:
             self.mapping = memoryview(archive.whole())
         else:
-            names = archive.names("data/", 0)
+            # Records staged to a device never pass through host memory of the checkpoint's size.
+            names = [n for n in archive.names("data/", 0) if n not in staged]
             self.job = archive.read_records_async(names, check_crc, threads)
             self._job_index = {name: i for i, name in enumerate(names)}
 
     def __call__(self, name: str, nbytes: int):
-        record = self.archive.record(name)
-        if record["size"] != nbytes:
-            raise RecordError(f"record '{name}' holds {record['size']} bytes but its storage needs {nbytes}")
+        record = checked_record(self.archive, name, nbytes)
         if name in self.inflated:
             return _storage_from_buffer(self.inflated[name], 0, nbytes)
         if self.job is None:
@@ -243,17 +251,22 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
     )
 
 
-def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args):
+def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args,
+                  staging_bytes=devices.DEFAULT_STAGING_BYTES):
     check_version(archive)
     check_storage_alignment(archive)
     data_pickle = read_data_pickle(archive)  # CRC-checked
 
     meta = torch.serialization._is_meta_location(map_location)
     byteswap = native_byteorder_differs(_byteorder(archive))
-    source = None
+    source = stager = None
     if not meta:
+        if not byteswap:  # swapped bytes are fixed on the host, by torch's path
+            stager = devices.plan_staging(archive, data_pickle, map_location, staging_bytes=staging_bytes,
+                                          check_crc=verify is not False, threads=threads)
+        staged = stager.names if stager is not None else set()
         if verify and mmap:
-            bad = [r for r in archive.verify([n for n in archive.names() if n.startswith("data/")], threads)
+            bad = [r for r in archive.verify([n for n in archive.names("data/") if n not in staged], threads)
                    if r["status"] == "mismatch"]
             if bad:
                 r = bad[0]
@@ -261,32 +274,41 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
                     f"CRC-32 mismatch in record '{r['name']}' (data at offset {r['data_offset']}): stored "
                     f"0x{r['crc32']:08x}, computed 0x{r['computed']:08x}; {len(bad)} record(s) bad"
                 )
-        source = _StorageSource(archive, mmap=mmap, threads=threads, check_crc=verify is not False)
+        source = _StorageSource(archive, mmap=mmap, threads=threads, check_crc=verify is not False, staged=staged)
     offsets = {r["name"]: r["data_offset"] for r in archive.records()} if meta else {}
-    storages = Storages(source, map_location, byteswap=byteswap, meta=meta, offsets=offsets)
+    storages = Storages(source, map_location, byteswap=byteswap, meta=meta, offsets=offsets, staged=stager)
 
     tls = torch.serialization._serialization_tls
     tls.map_location = map_location
     try:
-        if weights_only:
-            ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
-        elif storages.native and not source.inflated and _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
-            # The stdlib pickle's semantics (any global, any callable) on the native machine, so
-            # storages and tensors are made as fast as with weights_only.
-            ctx = FullContext(storages, pickle_load_args["encoding"], protocol=data_pickle[1])
-        else:
-            ctx = None
-        if ctx is None:
-            unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
-            result = unpickler.load()
-        else:
-            native_storages = storages.native and not source.inflated
-            result = _unpickle_natively(data_pickle, ctx, archive, source if native_storages else None)
-        if source is not None:
-            source.finish()
+        with stager or contextlib.nullcontext():
+            result = _unpickle(data_pickle, archive, storages, source, weights_only, pickle_module, pickle_load_args)
+            if stager is not None:
+                stager.finish()
     finally:
         tls.map_location = None
     _validate_sparse_tensors()
+    return result
+
+
+def _unpickle(data_pickle: bytes, archive, storages, source, weights_only, pickle_module, pickle_load_args):
+    """The object graph, on the native machine where it can run; waits for every eager read."""
+    if weights_only:
+        ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
+    elif storages.native and not source.inflated and _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
+        # The stdlib pickle's semantics (any global, any callable) on the native machine, so
+        # storages and tensors are made as fast as with weights_only.
+        ctx = FullContext(storages, pickle_load_args["encoding"], protocol=data_pickle[1])
+    else:
+        ctx = None
+    if ctx is None:
+        unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
+        result = unpickler.load()
+    else:
+        native_storages = storages.native and not source.inflated
+        result = _unpickle_natively(data_pickle, ctx, archive, source if native_storages else None)
+    if source is not None:
+        source.finish()
     return result
 
 
@@ -329,7 +351,7 @@ def _integrity_message(error: IntegrityError, archive) -> str:
 
 
 def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=None, threads=None,
-         **pickle_load_args):
+         staging_bytes=None, **pickle_load_args):
     """Load an object saved with torch.save; a drop-in replacement for torch.load.
 
     Accepts everything ``torch.load`` accepts and returns an equal object graph.
@@ -344,9 +366,12 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     ``FASTCKPT_VERIFY=0|1`` overrides it): eager loads check every storage's CRC-32,
     lazy ones none; True: check every storage, also with ``mmap=True``; False: check no
     storage (``data.pkl`` is always checked) — and ``threads`` (reader threads; default:
-    all CPUs).
+    all CPUs) — and ``staging_bytes``: the host memory through which storages bound for a
+    CUDA or MPS device are staged (a ring of reused, pinned buffers; default 256 MiB), whatever
+    ``mmap`` says; see :mod:`fastckpt.devices`.
     """
     _resolve_weights_only(weights_only, pickle_module, warn=False)  # raise early, as torch does
+    staging_bytes = devices.check_staging_bytes(staging_bytes)
     if mmap is None:
         from torch.utils.serialization import config
 
@@ -369,6 +394,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         return _load_archive(
             archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
             verify=_resolve_verify(verify), threads=threads or 0, pickle_load_args=pickle_load_args,
+            staging_bytes=staging_bytes,
         )
     except IntegrityError as e:
         raise IntegrityError(_integrity_message(e, archive)) from None

@@ -22,6 +22,10 @@ class Contender:
     lazy: bool  # on CPU it returns before the bytes are read (mmap): timed as returned and touched
     make: Callable[[str, str], Callable[[], object]]  # (path, device) -> load(), imports done
     requires: tuple[str, str | None]  # (module, attribute) that must exist for it to run
+    device_only: bool = False  # meaningless on CPU: runs in device cases only
+
+    def runs_on(self, device: str) -> bool:
+        return device != "cpu" or not self.device_only
 
 
 def _torch_load(weights_only: bool, mmap: bool):
@@ -32,6 +36,17 @@ def _torch_load(weights_only: bool, mmap: bool):
         return lambda: torch.load(path, map_location=location, weights_only=weights_only, mmap=mmap)
 
     return make
+
+
+def _torch_mmap_then_move(path: str, device: str):
+    """torch.load(mmap=True) to the CPU, then every tensor moved with .to(device) (a common recipe)."""
+    import torch
+
+    def load():
+        state = torch.load(path, mmap=True, weights_only=True)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+    return load
 
 
 def _fastckpt_load(weights_only: bool, mmap: bool):
@@ -106,6 +121,8 @@ CONTENDERS = {
         Contender("torch", "torch.load wo=T mmap=F", "torch", "pt", False, _torch_load(True, False), ("torch", None)),
         Contender("torch-mmap", "torch.load wo=T mmap=T", "torch", "pt", True, _torch_load(True, True),
                   ("torch", None)),
+        Contender("torch-mmap-to", "torch.load mmap=T + .to(dev)", "torch", "pt", False, _torch_mmap_then_move,
+                  ("torch", None), device_only=True),
         Contender("torch-pickle", "torch.load wo=F mmap=F", "torch", "pt", False, _torch_load(False, False),
                   ("torch", None)),
         Contender("torch-pickle-mmap", "torch.load wo=F mmap=T", "torch", "pt", True, _torch_load(False, True),

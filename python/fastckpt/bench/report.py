@@ -64,7 +64,7 @@ def _case_lines(case: dict, manifest: dict, contenders: dict) -> list[str]:
     lines = [f"{case['checkpoint']}  {case['mode']}  {case['device']}  ({d['n_tensors']:,} tensors, "
              f"{_count(manifest['elements'])} elements, {d['storage_bytes'] / 1e9:.3g} GB)",
              f"  {'contender':<24} {'lazy':<4} {'load s':>7} {'ready s':>7} {'GB/s':>6}  {'% of ceiling':<22} "
-             f"{'us/tensor':>9} {'CPU s':>6} {'+RSS MB':>7} {'correct':<7} ready / torch.load"]
+             f"{'us/tensor':>9} {'CPU s':>6} {'+RSS MB':>7} {'dev MB':>7} {'correct':<7} ready / torch.load"]
     ratios = {(r["a"], r["b"], r["metric"]): r for r in case["ratios"]}
     for cid, s in case["summary"].items():
         name = f"  {contenders[cid]['label']:<24} {'lazy' if s['lazy'] else '':<4}"
@@ -77,11 +77,18 @@ def _case_lines(case: dict, manifest: dict, contenders: dict) -> list[str]:
         ratio = "1 (baseline)" if cid == BASELINE else _spread(ratios.get((cid, BASELINE, "ready_s")))
         lines.append(f"{name} {_num(s['load_s']['median']):>7} {_num(s['ready_s']['median']):>7} {_num(s['gbps']):>6}  "
                      f"{ceil_text:<22} {_num(s['us_per_tensor']):>9} {_num(s['cpu_ready_s']['median']):>6} "
-                     f"{s['rss_growth_bytes']['median'] / 1e6:>7.0f} {'yes' if s['correct'] else 'NO':<7} {ratio}")
+                     f"{s['rss_growth_bytes']['median'] / 1e6:>7.0f} {_device_mb(s):>7} "
+                     f"{'yes' if s['correct'] else 'NO':<7} {ratio}")
         if s["not_cold"] or s["errors"]:
             lines.append(f"  {'':<29} ({s['not_cold']} run(s) not cold, {len(s['errors'])} error(s): "
                          f"{'; '.join(s['errors'])})")
     return lines + _fastckpt_ratio_lines(case, contenders, ratios)
+
+
+def _device_mb(summary: dict) -> str:
+    """Peak device memory allocated during the load (torch's allocator), for device cases."""
+    peak = summary["cuda_max_allocated"]
+    return f"{peak['median'] / 1e6:.0f}" if peak else "-"
 
 
 def _fastckpt_ratio_lines(case: dict, contenders: dict, ratios: dict) -> list[str]:
@@ -116,7 +123,8 @@ def plot(results: dict, path: str) -> None:
     width = 0.8 / max(1, len(contenders))
     fig, (ax_time, ax_bw) = plt.subplots(2, 1, figsize=(max(8, 2 + 1.6 * len(cases)), 8), sharex=True)
     for i, c in enumerate(contenders):
-        shown = [(x, case["summary"][c["id"]]) for x, case in enumerate(cases) if case["summary"][c["id"]]["ok"]]
+        shown = [(x, case["summary"][c["id"]]) for x, case in enumerate(cases)
+                 if c["id"] in case["summary"] and case["summary"][c["id"]]["ok"]]
         if not shown:
             continue
         xs = [x + (i - (len(contenders) - 1) / 2) * width for x, _ in shown]

@@ -49,7 +49,8 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
         ceilings = call_python("fastckpt.bench.ceilings", {
             "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES})
     plan = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
-    progress = _Progress(len(plan) * config.rounds * len(config.contenders), log)
+    runs = sum(c.runs_on(device) for _, device, _ in plan for c in config.contenders)
+    progress = _Progress(runs * config.rounds, log)
     cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in plan]
     results = {
         "schema": SCHEMA,
@@ -59,8 +60,8 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "config": {
             "checkpoints": [s.name for s in config.checkpoints],
-            "contenders": [{"id": c.id, "label": c.label, "family": c.family, "fmt": c.fmt, "lazy": c.lazy}
-                           for c in config.contenders],
+            "contenders": [{"id": c.id, "label": c.label, "family": c.family, "fmt": c.fmt, "lazy": c.lazy,
+                            "device_only": c.device_only} for c in config.contenders],
             "modes": config.modes,
             "devices": config.devices,
             "rounds": config.rounds,
@@ -79,7 +80,8 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
 def run_case(manifest: dict, mode: str, device: str, contenders: list[Contender], rounds: int,
              progress: "_Progress") -> dict:
     case = {"checkpoint": manifest["name"], "mode": mode, "device": device, "samples": []}
-    contenders = [c for c in contenders if c.fmt in manifest["files"]]  # a user's .pt has no .safetensors twin
+    # A user's .pt has no .safetensors twin; some rows run on a device only.
+    contenders = [c for c in contenders if c.fmt in manifest["files"] and c.runs_on(device)]
     if mode == "warm":
         # The warm-up: every file read once, then checked resident (each worker records it again).
         case["warmup_resident"] = {fmt: coldcache.warm(manifest["files"][fmt]["path"])

@@ -25,10 +25,11 @@ def annotate(results: dict) -> None:
     contenders = {c["id"]: c for c in results["config"]["contenders"]}
     for case in results["cases"]:
         manifest = results["checkpoints"][case["checkpoint"]]
-        lazy = {cid: c["lazy"] and case["device"] == "cpu" for cid, c in contenders.items()}
-        case["summary"] = {cid: _summarize(case, cid, lazy[cid], manifest, results["ceilings"])
-                           for cid in contenders}
-        case["ratios"] = _ratios(case, contenders, lazy)
+        ran = {s["contender"] for s in case["samples"]}  # device-only contenders sit out CPU cases
+        here = {cid: c for cid, c in contenders.items() if cid in ran}
+        lazy = {cid: c["lazy"] and case["device"] == "cpu" for cid, c in here.items()}
+        case["summary"] = {cid: _summarize(case, cid, lazy[cid], manifest, results["ceilings"]) for cid in here}
+        case["ratios"] = _ratios(case, here, lazy)
 
 
 def _summarize(case: dict, cid: str, lazy: bool, manifest: dict, ceilings: dict | None) -> dict:
