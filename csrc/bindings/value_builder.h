@@ -211,62 +211,46 @@ class ValueBuilder {
   // containers visited once; a reference back into a container being walked
   // (a cycle) adds nothing.
   static void check_linked_depth(py::handle root, uint32_t max_depth) {
+    // Only lists, tuples and dict values can gain depth after they are built: keys and set items
+    // are hashable, so immutable and already counted.
     struct Frame {
       PyObject* obj;
-      py::object items;  // the container's children as a list or tuple
-      Py_ssize_t next;
+      Py_ssize_t pos;
       uint32_t height;
     };
-    std::unordered_map<PyObject*, uint32_t> heights;  // finished containers; 0 = being walked
-    std::vector<Frame> stack;
-    auto children = [](PyObject* o) -> py::object {
-      if (PyList_Check(o) || PyTuple_Check(o)) return py::reinterpret_borrow<py::object>(o);
-      if (PyDict_Check(o)) {
-        py::list kv;
-        PyObject *k, *v;
-        Py_ssize_t pos = 0;
-        while (PyDict_Next(o, &pos, &k, &v)) {
-          kv.append(k);
-          kv.append(v);
-        }
-        return std::move(kv);
-      }
-      if (PyAnySet_Check(o)) return steal(PySequence_List(o));
-      return py::object();
+    auto walked = [](PyObject* o) { return PyList_Check(o) || PyTuple_Check(o) || PyDict_Check(o); };
+    auto next_child = [](Frame& f) -> PyObject* {  // nullptr when the container is done
+      PyObject *key, *value;
+      if (PyDict_Check(f.obj)) return PyDict_Next(f.obj, &f.pos, &key, &value) ? value : nullptr;
+      if (PyList_Check(f.obj)) return f.pos < PyList_GET_SIZE(f.obj) ? PyList_GET_ITEM(f.obj, f.pos++) : nullptr;
+      return f.pos < PyTuple_GET_SIZE(f.obj) ? PyTuple_GET_ITEM(f.obj, f.pos++) : nullptr;
     };
-    auto enter = [&](PyObject* o) -> uint32_t {  // height if known now, else pushes a frame
-      auto it = heights.find(o);
-      if (it != heights.end()) return it->second;
-      py::object items = children(o);
-      if (!items) return 0;
-      heights.emplace(o, 0);
-      stack.push_back({o, std::move(items), 0, 1});
-      if (stack.size() > max_depth)
-        fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
-      return UINT32_MAX;
+    auto too_deep = [max_depth] {
+      fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
     };
-    enter(root.ptr());
+    if (!walked(root.ptr())) return;
+    std::unordered_map<PyObject*, uint32_t> heights{{root.ptr(), 0}};  // 0: being walked (a cycle adds nothing)
+    std::vector<Frame> stack{{root.ptr(), 0, 1}};
     while (!stack.empty()) {
-      Frame& f = stack.back();
-      PyObject* items = f.items.ptr();
-      const Py_ssize_t n = PyList_Check(items) ? PyList_GET_SIZE(items) : PyTuple_GET_SIZE(items);
-      if (f.next == n) {
-        heights[f.obj] = f.height;
-        const uint32_t h = f.height;
+      PyObject* child = next_child(stack.back());
+      if (child == nullptr) {
+        const Frame done = stack.back();
+        heights[done.obj] = done.height;
         stack.pop_back();
-        if (!stack.empty()) stack.back().height = std::max(stack.back().height, h + 1);
+        if (!stack.empty()) stack.back().height = std::max(stack.back().height, done.height + 1);
         continue;
       }
-      PyObject* child = PyList_Check(items) ? PyList_GET_ITEM(items, f.next) : PyTuple_GET_ITEM(items, f.next);
-      ++f.next;
-      const uint32_t h = enter(child);  // may reallocate `stack`: `f` is not used after this
-      if (h == UINT32_MAX) continue;
-      if (stack.size() + h > max_depth)  // a subtree walked before, now reached deeper
-        fail(ErrorKind::Limit, "containers nested deeper than " + std::to_string(max_depth));
-      stack.back().height = std::max(stack.back().height, h + 1);
+      if (!walked(child)) continue;
+      auto [it, fresh] = heights.emplace(child, 0);
+      if (fresh) {
+        stack.push_back({child, 0, 1});
+        if (stack.size() > max_depth) too_deep();
+      } else {
+        if (stack.size() + it->second > max_depth) too_deep();  // a subtree walked before, reached deeper
+        stack.back().height = std::max(stack.back().height, it->second + 1);
+      }
     }
   }
-
 
  protected:
   static py::object steal(PyObject* p) {
