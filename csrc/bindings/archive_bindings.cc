@@ -133,9 +133,9 @@ void register_archive(py::module_& m) {
       .def(
           "view",
           [](const ReadJob& job, size_t i) {
-            const std::shared_ptr<MappedFile>& memory = job.memory(i);
-            if (!memory) return ByteView{MappedFile::anonymous(0), nullptr, 0};
-            return ByteView{memory, memory->mutable_data(), memory->size()};
+            const ReadJob::Memory& memory = job.memory(i);
+            if (!memory.owner) return ByteView{MappedFile::anonymous(0), nullptr, 0};
+            return ByteView{memory.owner, memory.data, memory.size};
           },
           py::arg("i"), "The memory record i is read into (complete once wait_record(i) returned).")
       .def("wait_record", [](ReadJob& job, size_t i) { wait_record(job, i); }, py::arg("i"),

@@ -295,8 +295,8 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       auto at = source_->job_index.find(&record);
       if (at == source_->job_index.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
       slot.job_record = at->second;
-      const std::shared_ptr<MappedFile>& memory = source_->job->memory(at->second);
-      slot.bytes = ByteView{memory, memory ? memory->mutable_data() : nullptr, memory ? memory->size() : 0};
+      const ReadJob::Memory& memory = source_->job->memory(at->second);
+      slot.bytes = ByteView{memory.owner, memory.data, memory.size};
     }
     if (slot.bytes.size != slot.nbytes)
       fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");

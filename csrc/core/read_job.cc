@@ -11,13 +11,39 @@ ReadJob::ReadJob(std::shared_ptr<const Archive> archive, std::vector<const ZipRe
                  unsigned threads)
     : archive_(std::move(archive)), records_(std::move(records)), check_crc_(check_crc),
       memory_(records_.size()), done_(records_.size(), 0), crcs_(records_.size(), 0) {
+  // Records below kSmall share blocks of up to kBlock bytes, each record 64-byte aligned in it.
+  constexpr uint64_t kSmall = uint64_t{64} << 10, kBlock = uint64_t{1} << 20;
   std::vector<CopyTask> tasks;
   tasks.reserve(records_.size());
-  for (size_t i = 0; i < records_.size(); ++i) {
+  for (size_t i = 0; i < records_.size();) {
     const ZipRecord& r = *records_[i];
     archive_->stored_data(r);  // stored and inside the file: bounds the size before it sizes memory
-    if (r.size != 0) memory_[i] = MappedFile::heap(static_cast<size_t>(r.size));
-    tasks.push_back({r.data_offset, r.size, r.size != 0 ? memory_[i]->mutable_data() : nullptr, check_crc_});
+    if (r.size >= kSmall) {
+      std::shared_ptr<MappedFile> own = MappedFile::heap(static_cast<size_t>(r.size));
+      memory_[i] = {own, own->mutable_data(), static_cast<size_t>(r.size)};
+      tasks.push_back({r.data_offset, r.size, own->mutable_data(), check_crc_});
+      ++i;
+      continue;
+    }
+    // A run of small records (each checked against the file, so the block is bounded by it).
+    size_t end = i;
+    uint64_t used = 0;
+    std::vector<uint64_t> at;
+    while (end < records_.size() && records_[end]->size < kSmall && (end == i || used + records_[end]->size <= kBlock)) {
+      archive_->stored_data(*records_[end]);
+      at.push_back(used);
+      used = (used + records_[end]->size + 63) & ~uint64_t{63};
+      ++end;
+    }
+    std::shared_ptr<MappedFile> block = used != 0 ? MappedFile::heap(static_cast<size_t>(used)) : nullptr;
+    for (size_t j = i; j < end; ++j) {
+      const ZipRecord& s = *records_[j];
+      // SAFETY: at[j - i] + s.size <= used, the block's size, by construction of `at`.
+      uint8_t* data = s.size != 0 ? block->mutable_data() + at[j - i] : nullptr;
+      if (s.size != 0) memory_[j] = {block, data, static_cast<size_t>(s.size)};
+      tasks.push_back({s.data_offset, s.size, data, check_crc_});
+    }
+    i = end;
   }
   worker_ = std::thread([this, tasks = std::move(tasks), threads]() {
     std::exception_ptr error;
@@ -41,7 +67,7 @@ void ReadJob::record_done(size_t i, uint32_t crc) {
   std::lock_guard<std::mutex> lock(mutex_);
   done_[i] = 1;
   crcs_[i] = crc;
-  changed_.notify_all();
+  if (waiting_ != 0) changed_.notify_all();
 }
 
 void ReadJob::check(size_t i) const {
@@ -51,7 +77,9 @@ void ReadJob::check(size_t i) const {
 void ReadJob::wait_record(size_t i) {
   if (i >= records_.size()) throw std::out_of_range("ReadJob::wait_record");
   std::unique_lock<std::mutex> lock(mutex_);
+  ++waiting_;
   changed_.wait(lock, [&] { return done_[i] != 0 || finished_; });
+  --waiting_;
   if (!done_[i]) {
     if (error_) std::rethrow_exception(error_);
     fail(ErrorKind::Record, "record '" + records_[i]->name + "' was not read");

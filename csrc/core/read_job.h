@@ -1,8 +1,9 @@
 // The eager read of many records on a background thread, so the caller can
-// unpickle meanwhile. Each record gets memory of its own from the heap, as
-// torch's CPU allocator gives each storage: freeing a tensor frees its bytes,
-// and a later load reuses the pages (fresh mappings would fault every byte in
-// again). Completion is tracked per record.
+// unpickle meanwhile. Records get heap memory, as torch's CPU allocator gives
+// each storage: freeing a tensor frees its bytes, and a later load reuses the
+// pages (fresh mappings would fault every byte in again). Small records share
+// blocks (one allocation per ~1 MiB of them, not one each). Completion is
+// tracked per record.
 #pragma once
 
 #include <condition_variable>
@@ -27,9 +28,14 @@ class ReadJob {
   ReadJob& operator=(const ReadJob&) = delete;
 
   const std::vector<const ZipRecord*>& records() const noexcept { return records_; }
-  // The memory records()[i] is read into (null for an empty record); its
-  // bytes are complete once wait_record(i) returned.
-  const std::shared_ptr<MappedFile>& memory(size_t i) const { return memory_.at(i); }
+  // Where records()[i] is read into: `size` bytes at `data`, kept alive by
+  // `owner` (null for an empty record); complete once wait_record(i) returned.
+  struct Memory {
+    std::shared_ptr<MappedFile> owner;
+    uint8_t* data = nullptr;
+    size_t size = 0;
+  };
+  const Memory& memory(size_t i) const { return memory_.at(i); }
 
   // Blocks until records()[i] is complete; rethrows the job's failure, throws
   // Error(Integrity) if its CRC does not match.
@@ -45,12 +51,13 @@ class ReadJob {
   std::shared_ptr<const Archive> archive_;
   std::vector<const ZipRecord*> records_;
   bool check_crc_;
-  std::vector<std::shared_ptr<MappedFile>> memory_;
-  std::mutex mutex_;  // guards done_, crcs_, finished_, error_
+  std::vector<Memory> memory_;
+  std::mutex mutex_;  // guards done_, crcs_, finished_, error_, waiting_
   std::condition_variable changed_;
   std::vector<uint8_t> done_;
   std::vector<uint32_t> crcs_;
   bool finished_ = false;
+  unsigned waiting_ = 0;  // threads in wait_record: completions notify only when someone waits
   std::exception_ptr error_;
   std::thread worker_;
 };

@@ -329,6 +329,8 @@ def _could_stage(map_location, data_pickle: bytes) -> bool:
     """A cheap test before the scan (0.1 s for 100k storages): could any target be a staged device?
     Targets are map_location's strings or the file's own location tags, which data.pkl holds as text."""
     override = _override.get()
+    if override is None and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        return False  # nothing to stage to (torch's own path says so for a device-tagged file)
     types = set(_BACKENDS) | ({override.device_type} if override is not None else set())
     if isinstance(map_location, (str, torch.device)):
         targets = [str(map_location)]
