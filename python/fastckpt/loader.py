@@ -179,9 +179,11 @@ class _StorageSource:
             self.mapping = memoryview(archive.whole())
         else:
             # Records staged to a device never pass through host memory of the checkpoint's size.
-            names = [n for n in archive.names("data/", 0) if n not in staged]
-            self.job = archive.read_records_async(names, check_crc, threads)
-            self._job_index = {name: i for i, name in enumerate(names)}
+            self._names = archive.names("data/", 0)
+            if staged:
+                self._names = [n for n in self._names if n not in staged]
+            self.job = archive.read_records_async(self._names, check_crc, threads)
+            self._job_index = None  # name -> index in the job, made on first need (rare)
 
     def __call__(self, name: str, nbytes: int):
         record = checked_record(self.archive, name, nbytes)
@@ -193,6 +195,8 @@ class _StorageSource:
             return _storage_from_buffer(self.mapping, record["data_offset"], nbytes)
         # Whoever asked (a byte swap, a device copy, a map_location callable)
         # reads the bytes now: wait for this record.
+        if self._job_index is None:
+            self._job_index = {n: i for i, n in enumerate(self._names)}
         i = self._job_index[name]
         self.job.wait_record(i)
         return _storage_from_buffer(memoryview(self.job.view(i)), 0, nbytes)
