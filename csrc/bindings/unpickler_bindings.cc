@@ -79,6 +79,7 @@ struct PyValue {
   uint32_t depth = 0;          // container nesting, for the cap
   bool global = false;         // resolved by GLOBAL: may be called / instantiated
   uint32_t slots = 0;          // slots it may reach (see kReachesAllSlots)
+  bool checked = false;        // a GLOBAL the weights_only policy sees on every REDUCE
 };
 
 struct Lazy {
@@ -177,6 +178,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     if (it != globals_.end()) return it->second;
     py::object m = materialize_str(module), n = materialize_str(name);
     Value v{ctx_.attr("resolve_global")(m, n), LazyRef(), 0, true};
+    v.checked = !permissive_ && is_checked_callable(v.obj);  // decided once per global, not per REDUCE
     globals_.emplace(std::move(key), v);
     return v;
   }
@@ -209,7 +211,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       check_rebuild_args(callable.obj.is(rebuild_v3_), a);
     // weights_only: the policy decides for callables not named by GLOBAL (torch's rules) and for
     // the few it checks (file-sized allocations, sparse tensors); the others are called directly.
-    const bool direct = permissive_ || (callable.global && !is_checked_callable(callable.obj));
+    const bool direct = permissive_ || (callable.global && !callable.checked);
     PyObject* r = direct ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
                          : PyObject_CallFunctionObjArgs(reduce_.ptr(), callable.obj.ptr(), a.ptr(),
                                                         callable.global ? Py_True : Py_False, nullptr);
