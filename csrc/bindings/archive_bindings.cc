@@ -129,25 +129,6 @@ void register_archive(py::module_& m) {
       },
       py::arg("size"), "Zero-filled writable memory to read a file-like object into.");
 
-  py::class_<ReadJob, ReadJobHolder>(m, "ReadJob")
-      .def(
-          "view",
-          [](const ReadJob& job, size_t i) {
-            const ReadJob::Memory& memory = job.memory(i);
-            if (!memory.owner) return ByteView{MappedFile::anonymous(0), nullptr, 0};
-            return ByteView{memory.owner, memory.data, memory.size};
-          },
-          py::arg("i"), "The memory record i is read into (complete once wait_record(i) returned).")
-      .def("wait_record", [](ReadJob& job, size_t i) { wait_record(job, i); }, py::arg("i"),
-           "Wait for record i (GIL released); raises IntegrityError on its CRC mismatch.")
-      .def(
-          "wait",
-          [](ReadJob& job) {
-            py::gil_scoped_release release;
-            job.wait();
-          },
-          "Wait for every record (GIL released); raises IntegrityError on a CRC mismatch.");
-
   py::class_<Archive, std::shared_ptr<Archive>>(m, "Archive")
       .def_static(
           "open",
@@ -200,7 +181,7 @@ void register_archive(py::module_& m) {
       })
       .def("record", [](const Archive& a, const std::string& name) { return record_dict(a.record(name)); },
            py::arg("name"))
-      .def("view", [](const Archive& a, const std::string& name) { return stored_view(a, a.record(name)); },
+      .def("view", [](const Archive& a, const std::string& name) { return a.stored_view(a.record(name)); },
            py::arg("name"), "Zero-copy writable view of a stored record (copy-on-write for files).")
       .def("whole", [](const Archive& a) { return ByteView{a.file, a.file->mutable_data(), a.file->size()}; },
            "Zero-copy view of the whole archive.")
@@ -208,7 +189,7 @@ void register_archive(py::module_& m) {
           "read",
           [](const Archive& a, const std::string& name, bool check_crc) {
             const ZipRecord& r = a.record(name);
-            ByteView v = stored_view(a, r);
+            ByteView v = a.stored_view(r);
             if (check_crc) {
               uint32_t actual;
               {
@@ -281,17 +262,6 @@ void register_archive(py::module_& m) {
           },
           py::arg("names"), py::arg("crcs"),
           "Raise IntegrityError for the first record whose computed CRC-32 does not match its stored one.")
-      .def(
-          "read_records_async",
-          [](std::shared_ptr<Archive> a, const std::vector<std::string>& names, bool check_crc,
-             unsigned threads) {
-            std::vector<const ZipRecord*> records;
-            records.reserve(names.size());
-            for (const std::string& n : names) records.push_back(&a->record(n));
-            return ReadJobHolder(new ReadJob(a, std::move(records), check_crc, threads));
-          },
-          py::arg("names"), py::arg("check_crc") = true, py::arg("threads") = 0,
-          "Start reading records, each into memory of its own, on worker threads.")
       .def(
           "verify",
           [](const Archive& a, std::optional<std::vector<std::string>> names, unsigned threads) {

@@ -10,20 +10,11 @@
 
 #include "core/archive.h"
 #include "core/mapped_file.h"
-#include "core/read_job.h"
+#include "core/storage_plan.h"
 
 namespace fastckpt::bindings {
 
 namespace py = pybind11;
-
-// A writable 1-D byte range over memory owned by `owner`; exports the buffer
-// protocol and keeps `owner` alive for as long as any Python object (a
-// memoryview, a torch tensor from torch.frombuffer) references it.
-struct ByteView {
-  std::shared_ptr<MappedFile> owner;
-  uint8_t* data = nullptr;
-  size_t size = 0;
-};
 
 // A contiguous buffer borrowed from a Python object for the duration of a call.
 struct BorrowedBuffer {
@@ -37,25 +28,19 @@ struct BorrowedBuffer {
   size_t size() const { return static_cast<size_t>(view.len); }
 };
 
-// The data of a stored record as a view that keeps the archive's memory alive;
-// throws Error(Record) unless it is stored and inside the file.
-inline ByteView stored_view(const Archive& a, const ZipRecord& r) {
-  return {a.file, a.stored_data(r), static_cast<size_t>(r.size)};
-}
-
-// Destroys a ReadJob (which joins its reader) with the GIL released.
-struct ReadJobDeleter {
-  void operator()(ReadJob* job) const {
+// Destroys a StoragePlan (which joins its eager reader) with the GIL released.
+struct PlanDeleter {
+  void operator()(StoragePlan* plan) const {
     py::gil_scoped_release release;
-    delete job;
+    delete plan;
   }
 };
-using ReadJobHolder = std::unique_ptr<ReadJob, ReadJobDeleter>;
+using PlanHolder = std::unique_ptr<StoragePlan, PlanDeleter>;
 
-// ReadJob::wait_record with the GIL released. Requires the GIL.
-inline void wait_record(ReadJob& job, size_t i) {
+// StoragePlan::wait with the GIL released. Requires the GIL.
+inline void wait_for(StoragePlan& plan, const StoragePlan::Entry& e) {
   py::gil_scoped_release release;
-  job.wait_record(i);
+  plan.wait(e);
 }
 
 // Sets OSError(code, strerror, filename): Python picks the subclass
@@ -66,5 +51,6 @@ void register_archive(py::module_& m);
 void register_unpickler(py::module_& m);
 void register_writer(py::module_& m);
 void register_reader(py::module_& m);
+void register_plan(py::module_& m);
 
 }  // namespace fastckpt::bindings

@@ -68,4 +68,5 @@ PYBIND11_MODULE(_core, m) {
   bindings::register_unpickler(m);
   bindings::register_writer(m);
   bindings::register_reader(m);
+  bindings::register_plan(m);
 }

@@ -28,16 +28,13 @@
 namespace fastckpt::bindings {
 namespace {
 
-// A storage record as it will be seen by tensors: where its bytes are (in the
-// mapping, or in their own memory of the read job), and the Python objects
-// made for it so far.
+// A storage as it will be seen by tensors: its entry in the plan (where its
+// bytes are), and the Python objects made for it so far.
 struct StorageSlot {
-  ByteView bytes;
-  size_t job_record = SIZE_MAX;  // eager loads: its record's index in the read job
+  const StoragePlan::Entry* entry = nullptr;
   uint64_t nbytes = 0;
-  py::object buffer;      // a memoryview of `bytes`, made on first need
+  py::object buffer;      // a memoryview of the entry's bytes, made on first need
   py::object dtype;       // from the first persistent id naming this key
-  uint32_t itemsize = 1;
   py::object first_tensor;  // the tensor made over the whole storage, if any
   py::object untyped;     // torch.UntypedStorage, made on first need
   py::object typed;       // torch.storage.TypedStorage, made on first need
@@ -99,19 +96,11 @@ LazyRef::~LazyRef() {
 
 constexpr uint32_t kMaxLazyNesting = 8;
 
-// Where storages come from in the fast path.
-struct StorageSource {
-  std::shared_ptr<Archive> archive;
-  ReadJob* job = nullptr;                              // eager reads still arriving; null: mmap
-  std::unordered_map<const ZipRecord*, size_t> job_index;  // record -> its index in the job
-};
-
 class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
  public:
   using Value = PyValue;
 
-  PyBuilder(py::object ctx, std::optional<StorageSource> source)
-      : ctx_(std::move(ctx)), source_(std::move(source)) {
+  PyBuilder(py::object ctx, StoragePlan& plan) : ctx_(std::move(ctx)), plan_(plan) {
     py::module_ torch = py::module_::import("torch");
     frombuffer_ = torch.attr("frombuffer");
     from_dlpack_ = torch.attr("_C").attr("_from_dlpack");
@@ -250,7 +239,6 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   Value persistent_load(Value& pid_value) {
     ready(pid_value);
     py::object pid = materialize(pid_value);
-    if (!source_) return plain(ctx_.attr("persistent_load")(pid));
     if (!PyTuple_CheckExact(pid.ptr()) || PyTuple_GET_SIZE(pid.ptr()) != 5)
       unsafe("persistent id must be a 5-tuple ('storage', type, key, location, numel), got " + describe(pid_value));
     py::handle tag = PyTuple_GET_ITEM(pid.ptr(), 0), storage_type = PyTuple_GET_ITEM(pid.ptr(), 1),
@@ -264,8 +252,9 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     const char* key_utf8 = PyUnicode_AsUTF8AndSize(key.ptr(), &key_len);
     if (key_utf8 == nullptr) throw py::error_already_set();
     std::string key_str(key_utf8, static_cast<size_t>(key_len));
-    PyValue* cached = find_slot(key_str);
-    if (cached == nullptr && !cpu_location(location)) return plain(ctx_.attr("persistent_load")(pid));
+    const StoragePlan::Entry* known = plan_.find(key_str);
+    PyValue* cached = known != nullptr && known->id < cached_.size() && cached_[known->id].lazy ? &cached_[known->id] : nullptr;
+    if (cached == nullptr && !native_location(location)) return plain(ctx_.attr("persistent_load")(pid));
 
     const DtypeInfo& info = storage_dtype(storage_type);
     int64_t n = as_int64(numel, "storage numel");
@@ -277,35 +266,24 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       if (first.dtype.is(info.dtype) && first.nbytes == nbytes) return *cached;
       fail(ErrorKind::Metadata, "storage '" + key_str + "' is read as " + std::to_string(n) + " × " +
                                     py::str(info.dtype).cast<std::string>() + " here but as " +
-                                    std::to_string(first.nbytes / first.itemsize) + " × " +
+                                    std::to_string(first.nbytes / first.dtype.attr("itemsize").cast<uint64_t>()) + " × " +
                                     py::str(first.dtype).cast<std::string>() +
                                     " before: one non-empty record cannot hold both");
     }
-    const ZipRecord& record = storage_record(key_str);
-    if (record.size != nbytes)
-      fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
-                                  " bytes but its storage needs " + std::to_string(nbytes) + " (" +
-                                  std::to_string(n) + " elements of " + std::to_string(info.itemsize) + " bytes)");
+    const StoragePlan::Entry& entry = plan_.entry(key_str, nbytes);
+    if (entry.source == StoragePlan::Source::Staged) return plain(ctx_.attr("persistent_load")(pid));
     slots_.emplace_back();
     StorageSlot& slot = slots_.back();
+    slot.entry = &entry;
     slot.nbytes = nbytes;
     slot.dtype = info.dtype;
-    slot.itemsize = info.itemsize;
-    if (source_->job == nullptr) {
-      slot.bytes = stored_view(*source_->archive, record);  // stored, inside the file
-    } else {
-      auto at = source_->job_index.find(&record);
-      if (at == source_->job_index.end()) fail(ErrorKind::Record, "record 'data/" + key_str + "' was not read");
-      slot.job_record = at->second;
-      const ReadJob::Memory& memory = source_->job->memory(at->second);
-      slot.bytes = ByteView{memory.owner, memory.data, memory.size};
-    }
-    if (slot.bytes.size != slot.nbytes)
-      fail(ErrorKind::Record, "record 'data/" + key_str + "' lies outside the bytes read");
     LazyRef node(new Lazy());
     node->slot = &slot;
     Value v{py::object(), std::move(node), 0, false, static_cast<uint32_t>(slots_.size())};
-    if (nbytes != 0) remember_slot(key_str, v);  // an empty storage takes each reference's dtype
+    if (nbytes != 0) {  // an empty storage takes each reference's dtype
+      if (cached_.empty()) cached_.resize(plan_.entry_count());
+      cached_[entry.id] = v;
+    }
     return v;
   }
 
@@ -328,59 +306,10 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   // Bytes reach Python code only once read and checked: waits for the records
   // of the slots `v` may reach (in slot order, each at most once per load).
   void ready(const Value& v) {
-    if (!source_ || source_->job == nullptr) return;
     const size_t upto = v.slots == kReachesAllSlots ? slots_.size() : v.slots;
     for (; ready_slots_ < upto; ++ready_slots_) {
-      const StorageSlot& slot = slots_[ready_slots_];
-      if (slot.job_record != SIZE_MAX) wait_record(*source_->job, slot.job_record);
-    }
-  }
-
-  // torch.save names storages "0", "1", ...: those index a vector (bounded by
-  // the archive's record count); any other key goes through a map.
-  static bool decimal_key(std::string_view key, size_t bound, size_t* out) {
-    if (key.empty() || key.size() > 9 || (key.size() > 1 && key[0] == '0')) return false;
-    size_t v = 0;
-    for (char c : key) {
-      if (c < '0' || c > '9') return false;
-      v = v * 10 + static_cast<size_t>(c - '0');
-    }
-    *out = v;
-    return v < bound;
-  }
-  PyValue* find_slot(const std::string& key) {
-    size_t i;
-    if (decimal_key(key, numbered_slots_.size(), &i)) return numbered_slots_[i].lazy ? &numbered_slots_[i] : nullptr;
-    auto it = named_slots_.find(key);
-    return it == named_slots_.end() ? nullptr : &it->second;
-  }
-  // The record "data/<key>". Numbered keys are looked up in a table made with
-  // one sequential pass over the index: random probes into a large index
-  // cost a cache miss each.
-  const ZipRecord& storage_record(const std::string& key) {
-    const auto& records = source_->archive->index.records();
-    if (!numbered_records_built_) {
-      numbered_records_built_ = true;
-      for (const ZipRecord& r : records) {
-        size_t i;
-        if (r.name.compare(0, 5, "data/") == 0 && decimal_key(std::string_view(r.name).substr(5), records.size(), &i)) {
-          if (i >= numbered_records_.size()) numbered_records_.resize(i + 1, nullptr);
-          numbered_records_[i] = &r;
-        }
-      }
-    }
-    size_t i;
-    if (decimal_key(key, numbered_records_.size(), &i) && numbered_records_[i] != nullptr) return *numbered_records_[i];
-    return source_->archive->record("data/" + key);
-  }
-
-  void remember_slot(const std::string& key, const PyValue& v) {
-    size_t i;
-    if (decimal_key(key, source_->archive->index.records().size(), &i)) {
-      if (i >= numbered_slots_.size()) numbered_slots_.resize(i + 1);
-      numbered_slots_[i] = v;
-    } else {
-      named_slots_.emplace(key, v);
+      const StoragePlan::Entry& entry = *slots_[ready_slots_].entry;
+      if (entry.source == StoragePlan::Source::Arena) wait_for(plan_, entry);
     }
   }
 
@@ -414,16 +343,13 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     return PySequence_Contains(settable_types_.ptr(), reinterpret_cast<PyObject*>(Py_TYPE(target))) == 1;
   }
 
-  bool cpu_location(py::handle location) {
-    // torch.save memoizes the location string: one object for all storages.
-    if (location.ptr() == last_location_.ptr()) return last_location_fast_;
-    std::string loc = location.cast<std::string>();
+  // Whether the plan makes storages tagged `location` natively; torch.save
+  // memoizes the location string, so one object serves all storages.
+  bool native_location(py::handle location) {
+    if (location.ptr() == last_location_.ptr()) return last_location_native_;
     last_location_ = py::reinterpret_borrow<py::object>(location);
-    auto it = fast_locations_.find(loc);
-    if (it == fast_locations_.end())
-      it = fast_locations_.emplace(std::move(loc), ctx_.attr("fast_location")(location).cast<bool>()).first;
-    last_location_fast_ = it->second;
-    return it->second;
+    last_location_native_ = plan_.native(location.cast<std::string>());
+    return last_location_native_;
   }
 
   const DtypeInfo& storage_dtype(py::handle storage_type) {
@@ -478,7 +404,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
         // grown by a later set_ to a size from the file).
         DLDataType u8{1, 8, 1};
         std::vector<int64_t> shape{0}, strides{1};
-        py::capsule capsule = dlpack_capsule(source_->archive->file, nullptr, u8, shape, strides);  // data_ptr 0, as torch's
+        py::capsule capsule = dlpack_capsule(plan_.archive().file, nullptr, u8, shape, strides);  // data_ptr 0, as torch's
         slot.untyped = call_method(steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr())), name_untyped_storage_);
       } else {
         slot.untyped = call_method(frombuffer(slot, uint8_, slot.nbytes), name_untyped_storage_);
@@ -569,7 +495,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       // source bytes when the slot was made, and the tensor (numel * itemsize
       // == nbytes, contiguous from offset 0) covers exactly that range; the
       // capsule holds the owner until torch frees the tensor.
-      py::capsule capsule = dlpack_capsule(slot.bytes.owner, slot.bytes.data, *dl, size,
+      py::capsule capsule = dlpack_capsule(slot.entry->bytes.owner, slot.entry->bytes.data, *dl, size,
                                            contiguous_);
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));
       slot.first_tensor = tensor;
@@ -590,13 +516,13 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
 
   // torch.frombuffer(the slot's bytes, dtype=, count=) without building a kwargs dict.
   py::object frombuffer(StorageSlot& slot, py::handle dtype, uint64_t count) {
-    if (!slot.buffer) slot.buffer = steal(PyMemoryView_FromObject(py::cast(slot.bytes).ptr()));
+    if (!slot.buffer) slot.buffer = steal(PyMemoryView_FromObject(py::cast(slot.entry->bytes).ptr()));
     py::object n = steal(PyLong_FromUnsignedLongLong(count));
     PyObject* args[] = {slot.buffer.ptr(), dtype.ptr(), n.ptr()};
     return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
   }
   py::object ctx_;
-  std::optional<StorageSource> source_;
+  StoragePlan& plan_;
   py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
@@ -604,15 +530,11 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   py::object checkpoint_error_, unpickling_error_;
   std::vector<py::object> checked_callables_;  // weights_only: REDUCE on these goes through ctx.reduce
   std::unordered_map<std::string, Value> globals_;
-  std::vector<Value> numbered_slots_;
-  std::vector<const ZipRecord*> numbered_records_;
-  bool numbered_records_built_ = false;
-  std::unordered_map<std::string, Value> named_slots_;
+  std::vector<Value> cached_;  // by plan entry id: the storage made for it (non-empty ones, as torch caches)
   std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
   size_t ready_slots_ = 0;         // slots_[0, ready_slots_) have their bytes
-  std::unordered_map<std::string, bool> fast_locations_;
   py::object last_location_;
-  bool last_location_fast_ = false;
+  bool last_location_native_ = false;
   std::unordered_map<PyObject*, DtypeInfo> dtypes_;
   std::unordered_map<PyObject*, uint32_t> element_bits_;
   std::unordered_map<PyObject*, std::optional<DLDataType>> dlpack_types_;
@@ -625,29 +547,17 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
 void register_unpickler(py::module_& m) {
   m.def(
       "unpickle",
-      [](py::buffer pickle, py::object ctx, std::shared_ptr<Archive> archive, ReadJob* eager) {
+      [](py::buffer pickle, py::object ctx, StoragePlan& plan) {
         BorrowedBuffer data(pickle, /*writable=*/false);
-        std::optional<StorageSource> storage_source;
-        if (archive) {
-          StorageSource s;
-          s.archive = archive;
-          if (eager != nullptr) {
-            s.job = eager;
-            s.job_index.reserve(eager->records().size());
-            for (size_t i = 0; i < eager->records().size(); ++i) s.job_index.emplace(eager->records()[i], i);
-          }
-          storage_source = std::move(s);
-        }
-        PyBuilder builder(std::move(ctx), std::move(storage_source));
+        PyBuilder builder(std::move(ctx), plan);
         PickleLimits limits;
         PickleMachine<PyBuilder> machine(builder, limits);
         PyValue result = machine.run(data.data(), data.size());
         return builder.finish(result, limits.max_depth);
       },
-      py::arg("pickle"), py::arg("ctx"), py::arg("archive") = nullptr, py::arg("eager") = nullptr,
-      "Run the restricted pickle machine over `pickle`. With `archive`, storages of CPU tensors are made "
-      "natively: views of its mapping, or with `eager` (its ReadJob) the memory each record is read into; "
-      "otherwise `ctx.persistent_load` makes them.");
+      py::arg("pickle"), py::arg("ctx"), py::arg("plan"),
+      "Run the restricted pickle machine over `pickle` with the policy `ctx`. Storages the plan makes "
+      "natively are CPU storages over its bytes; `ctx.persistent_load` makes the others.");
 }
 
 }  // namespace fastckpt::bindings

@@ -24,6 +24,13 @@ void check_crc(const ZipRecord& r, uint32_t actual);
 // "record 'name' (data at offset N)", for messages.
 std::string describe_record(const ZipRecord& r);
 
+// `size` bytes at `data`, kept alive by `owner` (null when there are none).
+struct ByteView {
+  std::shared_ptr<MappedFile> owner;
+  uint8_t* data = nullptr;
+  size_t size = 0;
+};
+
 struct Archive {
   std::shared_ptr<MappedFile> file;
   ZipIndex index;
@@ -32,6 +39,7 @@ struct Archive {
   // The data of a stored record, checked to lie within the file and to have
   // compressed_size == size; throws Error(Record) otherwise.
   uint8_t* stored_data(const ZipRecord& r) const;
+  ByteView stored_view(const ZipRecord& r) const { return {file, stored_data(r), static_cast<size_t>(r.size)}; }
 };
 
 }  // namespace fastckpt

@@ -28,14 +28,9 @@ class ReadJob {
   ReadJob& operator=(const ReadJob&) = delete;
 
   const std::vector<const ZipRecord*>& records() const noexcept { return records_; }
-  // Where records()[i] is read into: `size` bytes at `data`, kept alive by
-  // `owner` (null for an empty record); complete once wait_record(i) returned.
-  struct Memory {
-    std::shared_ptr<MappedFile> owner;
-    uint8_t* data = nullptr;
-    size_t size = 0;
-  };
-  const Memory& memory(size_t i) const { return memory_.at(i); }
+  // Where records()[i] is read into (no owner for an empty record); complete
+  // once wait_record(i) returned.
+  const ByteView& memory(size_t i) const { return memory_.at(i); }
 
   // Blocks until records()[i] is complete; rethrows the job's failure, throws
   // Error(Integrity) if its CRC does not match.
@@ -51,7 +46,7 @@ class ReadJob {
   std::shared_ptr<const Archive> archive_;
   std::vector<const ZipRecord*> records_;
   bool check_crc_;
-  std::vector<Memory> memory_;
+  std::vector<ByteView> memory_;
   std::mutex mutex_;  // guards done_, crcs_, finished_, error_, waiting_
   std::condition_variable changed_;
   std::vector<uint8_t> done_;

@@ -12,6 +12,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     read_tree,
     replace_file,
     scan_storages,
+    StoragePlan,
     unpickle,
     write_zip,
 )

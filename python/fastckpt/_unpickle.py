@@ -13,13 +13,15 @@ import _compat_pickle
 import sys
 from collections import Counter, OrderedDict
 
+import numpy
 import torch
 from torch import _weights_only_unpickler as _wo
 from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
 
 from fastckpt import _native
-from fastckpt.devices import map_target
-from fastckpt.errors import CheckpointError, LimitError, MetadataError, RecordError, UnsafeGlobalError
+from fastckpt.errors import CheckpointError, LimitError, MetadataError, UnsafeGlobalError
+
+Source = _native.StoragePlan.Source
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
 # weights_only: the most bytes an allowlisted constructor (bytearray(N)) may be asked for by
@@ -63,33 +65,25 @@ def _default_deserializers_first() -> bool:
     return bool(registry) and registry[0][2] is torch.serialization._cpu_deserialize
 
 
-class Storages:
-    """Makes the storages of one load, like torch's ``persistent_load`` + ``load_tensor``.
+def _storage_from_buffer(buffer, nbytes: int):
+    """A CPU storage over bytes in place; never resizable (as torch's), so no set_ can grow it."""
+    if nbytes == 0:
+        return torch.from_numpy(numpy.empty(0, numpy.uint8)).untyped_storage()
+    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes).untyped_storage()
 
-    `source(name, nbytes)` returns a CPU ``UntypedStorage`` over the record's
-    bytes (a slice of the mapping, of the eager arena, or freshly read); keys in
-    `staged` (a ``devices.Stager``) get their device storage from it instead.
+
+class Storages:
+    """Makes the storages the native builder leaves to Python, like torch's ``persistent_load`` +
+    ``load_tensor``: over bytes the load's plan (a ``_native.StoragePlan``) reads, or from the
+    device stager for staged ones, then restored where map_location says.
     """
 
-    def __init__(self, source, map_location, *, byteswap: bool, meta: bool, offsets, staged=None):
-        self._source = source
-        self._staged = staged if staged is not None else ()
-        self._map_location = map_location
+    def __init__(self, plan, map_location, *, byteswap: bool, stager=None):
+        self._plan = plan
+        self._stager = stager
         self._restore_location = _get_restore_location(map_location)
         self._byteswap = byteswap
-        self._meta = meta
-        self._data_offset = offsets  # record name -> data offset, for meta storages
         self._loaded: dict[str, torch.storage.TypedStorage] = {}
-        self._fast_cpu = _default_deserializers_first()
-
-    @property
-    def native(self) -> bool:
-        """Whether the native builder may make CPU storages itself (per location, see fast_location)."""
-        return not self._meta and not self._byteswap and self._fast_cpu
-
-    def fast_location(self, location: str) -> bool:
-        """Whether a storage tagged `location` ends up as the unchanged CPU storage."""
-        return map_target(self._map_location, location) == "cpu"  # None: a callable must see every storage
 
     @staticmethod
     def storage_dtype(storage_type):
@@ -122,7 +116,6 @@ class Storages:
             raise MetadataError(f"malformed persistent id {saved_id!r}")
         if not isinstance(location, (str, bytes)):
             raise MetadataError(f"persistent id of storage '{key}' has location {location!r}, not a string")
-        name = f"data/{key}"
         nbytes = numel * itemsize
         if key in self._loaded:
             loaded = self._loaded[key]
@@ -133,15 +126,14 @@ class Storages:
                 )
             return loaded
         location = _maybe_decode_ascii(location)
-        if self._meta:
+        source = self._plan.source(key)
+        if source == Source.meta:
             storage = torch.UntypedStorage(nbytes, device="meta")
-            if name not in self._data_offset:
-                raise RecordError(f"record '{name}' not found in the archive")
-            storage._checkpoint_offset = self._data_offset[name]
-        elif key in self._staged:
-            storage = self._staged.storage(key, nbytes)
+            storage._checkpoint_offset = self._plan.data_offset(key)
+        elif source == Source.staged:
+            storage = self._stager.storage(key, nbytes)
         else:
-            storage = self._source(name, nbytes)
+            storage = _storage_from_buffer(self._plan.bytes(key, nbytes), nbytes)
             if self._byteswap:
                 storage.byteswap(dtype)
             try:
@@ -176,7 +168,6 @@ class _Context:
 
     def __init__(self, storages: Storages, encoding: str):
         self.encoding = encoding
-        self.fast_location = storages.fast_location
         self.storage_dtype = storages.storage_dtype
         self.dtype_bits = storages.dtype_bits
         self.dlpack_dtype = storages.dlpack_dtype

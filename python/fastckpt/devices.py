@@ -42,17 +42,6 @@ _PACK_ALIGN = 256  # each packed storage starts aligned as a cudaMalloc'd one wo
 _MIN_SLOT_BYTES = 4096
 
 
-def map_target(map_location, location: str) -> str | None:
-    """Where torch.load sends a storage tagged `location`; None for a callable (it decides per storage)."""
-    if map_location is None:
-        return location
-    if isinstance(map_location, dict):
-        return map_location.get(location, location)
-    if isinstance(map_location, (str, torch.device)):
-        return str(map_location)
-    return None
-
-
 # ---- backends -----------------------------------------------------------------------------------
 
 
@@ -359,13 +348,15 @@ def check_staging_bytes(staging_bytes) -> int:
     return staging_bytes
 
 
-def plan_staging(archive, data_pickle: bytes, map_location, *, staging_bytes: int, check_crc: bool, threads: int):
-    """A Stager for the storages whose target is a device with a backend, or None when there are none.
+def plan_staging(archive, data_pickle: bytes, map_location, plan, *, staging_bytes: int, check_crc: bool,
+                 threads: int):
+    """A Stager for the storages whose target (in `plan`) is a device with a backend, marked staged
+    in the plan, or None when there are none.
 
     A callable map_location, a deserializer registered outside torch, or a pickle the scan refuses
     (the real unpickling then raises its error) leave every storage to torch's per-storage path.
     """
-    if map_target(map_location, "cpu") is None or not _could_stage(map_location, data_pickle):
+    if plan.target("cpu") is None or not _could_stage(map_location, data_pickle):
         return None
     if not _torch_deserializers_only():
         return None
@@ -376,7 +367,7 @@ def plan_staging(archive, data_pickle: bytes, map_location, *, staging_bytes: in
     staged = []
     for key, location in refs:
         try:
-            target = torch.device(map_target(map_location, location))
+            target = torch.device(plan.target(location))
         except RuntimeError:
             continue  # not a device string: torch's path raises its message
         backend = backend_for(target.type)
@@ -392,6 +383,8 @@ def plan_staging(archive, data_pickle: bytes, map_location, *, staging_bytes: in
     backends = {b for _, _, b, _ in staged}
     if len(backends) != 1:  # one target type per load in practice (cuda, or mps)
         return None
+    for key, _, _, _ in staged:
+        plan.stage(key)
     return Stager(archive, staged, backends.pop(), staging_bytes=staging_bytes, check_crc=check_crc, threads=threads)
 
 
@@ -439,7 +432,6 @@ class Stager:
         self._backend = backend
         self._check_crc = check_crc
         self._threads = threads
-        self._records = {key: record for key, record, _, _ in staged}
         self._blocks, self._chunks = _plan_chunks(staged, _slot_bytes(staging_bytes))
         self._devices = sorted({d for _, _, _, d in staged}, key=str)
         self._slot_bytes = max((c.nbytes for c in self._chunks), default=0)
@@ -451,14 +443,6 @@ class Stager:
         self._partial: dict[str, tuple[int, int]] = {}  # large record -> (CRC so far, bytes so far)
         self._session = None
         self._thread: threading.Thread | None = None
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._records
-
-    @property
-    def names(self) -> set[str]:
-        """The records read here (the host read of the load skips them)."""
-        return {r["name"] for r in self._records.values()}
 
     def storage(self, key: str, nbytes: int) -> torch.UntypedStorage:
         """The device storage of `key`, its bytes still arriving until finish()."""

@@ -10,22 +10,28 @@ import pickle
 import re
 import warnings
 
-import numpy
 import torch
 from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native, devices
-from fastckpt._unpickle import FullContext, Storages, WeightsOnlyContext, make_full_unpickler, native_byteorder_differs
+from fastckpt._native import StoragePlan
+from fastckpt._unpickle import (
+    FullContext,
+    Storages,
+    WeightsOnlyContext,
+    _default_deserializers_first,
+    make_full_unpickler,
+    native_byteorder_differs,
+)
 from fastckpt.archive import (
     byteorder_record,
     check_storage_alignment,
     check_version,
-    checked_record,
     open_archive,
     read_data_pickle,
     read_record,
 )
-from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, RecordError, UnpicklingError
+from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, UnpicklingError
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _TRUE_VALUES = ("1", "y", "yes", "true")
@@ -155,59 +161,6 @@ def _handed_to_torch(f, mmap) -> bool:
     return False
 
 
-def _storage_from_buffer(buffer, offset: int, nbytes: int):
-    """A CPU storage over bytes in place; never resizable (as torch's), so no set_ can grow it."""
-    if nbytes == 0:
-        return torch.from_numpy(numpy.empty(0, numpy.uint8)).untyped_storage()
-    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
-
-
-class _StorageSource:
-    """Where storage bytes come from: the mapping (mmap=True) or an eager, CRC-checked read into
-    memory of each record's own."""
-
-    def __init__(self, archive, *, mmap: bool, threads: int, check_crc: bool, staged: set[str]):
-        self.archive = archive
-        self.job = None
-        self._finished = False
-        # Deflated records (a re-zipped checkpoint): inflated under a cap, CRC-checked.
-        self.inflated = {
-            name: memoryview(bytearray(read_record(archive, name, check_crc)))
-            for name in ([] if mmap else archive.names("data/", 8))
-        }
-        if mmap:
-            self.mapping = memoryview(archive.whole())
-        else:
-            # Records staged to a device never pass through host memory of the checkpoint's size.
-            self._names = archive.names("data/", 0)
-            if staged:
-                self._names = [n for n in self._names if n not in staged]
-            self.job = archive.read_records_async(self._names, check_crc, threads)
-            self._job_index = None  # name -> index in the job, made on first need (rare)
-
-    def __call__(self, name: str, nbytes: int):
-        record = checked_record(self.archive, name, nbytes)
-        if name in self.inflated:
-            return _storage_from_buffer(self.inflated[name], 0, nbytes)
-        if self.job is None:
-            if record["method"] != 0:
-                raise RecordError(f"record '{name}' is compressed; mmap=True needs stored records (load with mmap=False)")
-            return _storage_from_buffer(self.mapping, record["data_offset"], nbytes)
-        # Whoever asked (a byte swap, a device copy, a map_location callable)
-        # reads the bytes now: wait for this record.
-        if self._job_index is None:
-            self._job_index = {n: i for i, n in enumerate(self._names)}
-        i = self._job_index[name]
-        self.job.wait_record(i)
-        return _storage_from_buffer(memoryview(self.job.view(i)), 0, nbytes)
-
-    def finish(self):
-        """Waits for the eager reads; raises IntegrityError on a CRC mismatch."""
-        if self.job is not None and not self._finished:
-            self.job.wait()
-            self._finished = True
-
-
 def _byteorder(archive) -> bytes | None:
     mark = byteorder_record(archive)
     if mark is not None:
@@ -222,14 +175,12 @@ def _byteorder(archive) -> bytes | None:
     return None  # NATIVE: no swap
 
 
-def _unpickle_natively(data_pickle: bytes, ctx, archive, source):
-    """The native machine; storages are made natively from `source`, or by ctx.persistent_load without one."""
+def _unpickle_natively(data_pickle: bytes, ctx, plan):
+    """The native machine, with storages made natively where the plan says."""
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a load makes many objects; collections while it runs would cost ~15% of it
     try:
-        if source is None:
-            return _native.unpickle(data_pickle, ctx)
-        return _native.unpickle(data_pickle, ctx, archive, source.job)
+        return _native.unpickle(data_pickle, ctx, plan)
     except UnpicklingError as e:
         if isinstance(ctx, WeightsOnlyContext):
             raise type(e)(_weights_only_message(str(e))) from None
@@ -255,38 +206,43 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
     )
 
 
+def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, staging_bytes):
+    """Where every storage's bytes come from and where they go, decided once before the pickle runs:
+    (the started plan, whether bytes are swapped, the device stager or None)."""
+    byteswap = native_byteorder_differs(_byteorder(archive))
+    if torch.serialization._is_meta_location(map_location):
+        mode = StoragePlan.Mode.meta
+    else:
+        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.arena
+    targets = str(map_location) if isinstance(map_location, torch.device) else map_location
+    # Swapped bytes, or a deserializer registered ahead of torch's, leave every storage to Python.
+    plan = StoragePlan(archive, mode, targets, native_cpu=not byteswap and _default_deserializers_first())
+    stager = None
+    if mode != StoragePlan.Mode.meta:
+        if not byteswap:  # swapped bytes are fixed on the host, by torch's path
+            stager = devices.plan_staging(archive, data_pickle, map_location, plan, staging_bytes=staging_bytes,
+                                          check_crc=verify is not False, threads=threads)
+        check_crc = verify if mmap else verify is not False
+        for key in plan.deflated_keys():  # a re-zipped checkpoint: inflated under a cap, CRC-checked
+            plan.adopt(key, read_record(archive, f"data/{key}", check_crc))
+        plan.start(bool(check_crc), threads)
+    return plan, byteswap, stager
+
+
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args,
                   staging_bytes=devices.DEFAULT_STAGING_BYTES):
     check_version(archive)
     check_storage_alignment(archive)
     data_pickle = read_data_pickle(archive)  # CRC-checked
-
-    meta = torch.serialization._is_meta_location(map_location)
-    byteswap = native_byteorder_differs(_byteorder(archive))
-    source = stager = None
-    if not meta:
-        if not byteswap:  # swapped bytes are fixed on the host, by torch's path
-            stager = devices.plan_staging(archive, data_pickle, map_location, staging_bytes=staging_bytes,
-                                          check_crc=verify is not False, threads=threads)
-        staged = stager.names if stager is not None else set()
-        if verify and mmap:
-            bad = [r for r in archive.verify([n for n in archive.names("data/") if n not in staged], threads)
-                   if r["status"] == "mismatch"]
-            if bad:
-                r = bad[0]
-                raise IntegrityError(
-                    f"CRC-32 mismatch in record '{r['name']}' (data at offset {r['data_offset']}): stored "
-                    f"0x{r['crc32']:08x}, computed 0x{r['computed']:08x}; {len(bad)} record(s) bad"
-                )
-        source = _StorageSource(archive, mmap=mmap, threads=threads, check_crc=verify is not False, staged=staged)
-    offsets = {r["name"]: r["data_offset"] for r in archive.records()} if meta else {}
-    storages = Storages(source, map_location, byteswap=byteswap, meta=meta, offsets=offsets, staged=stager)
+    plan, byteswap, stager = _plan(archive, data_pickle, map_location, mmap=mmap, verify=verify, threads=threads,
+                                   staging_bytes=staging_bytes)
+    storages = Storages(plan, map_location, byteswap=byteswap, stager=stager)
 
     tls = torch.serialization._serialization_tls
     tls.map_location = map_location
     try:
         with stager or contextlib.nullcontext():
-            result = _unpickle(data_pickle, archive, storages, source, weights_only, pickle_module, pickle_load_args)
+            result = _unpickle(data_pickle, plan, storages, weights_only, pickle_module, pickle_load_args)
             if stager is not None:
                 stager.finish()
     finally:
@@ -295,11 +251,11 @@ def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, v
     return result
 
 
-def _unpickle(data_pickle: bytes, archive, storages, source, weights_only, pickle_module, pickle_load_args):
+def _unpickle(data_pickle: bytes, plan, storages, weights_only, pickle_module, pickle_load_args):
     """The object graph, on the native machine where it can run; waits for every eager read."""
     if weights_only:
         ctx = WeightsOnlyContext(storages, pickle_load_args.get("encoding", "utf-8"))
-    elif storages.native and not source.inflated and _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
+    elif _native_full_pickle(pickle_module, pickle_load_args, data_pickle):
         # The stdlib pickle's semantics (any global, any callable) on the native machine, so
         # storages and tensors are made as fast as with weights_only.
         ctx = FullContext(storages, pickle_load_args["encoding"], protocol=data_pickle[1])
@@ -309,10 +265,8 @@ def _unpickle(data_pickle: bytes, archive, storages, source, weights_only, pickl
         unpickler = make_full_unpickler(pickle_module, io.BytesIO(data_pickle), storages, **pickle_load_args)
         result = unpickler.load()
     else:
-        native_storages = storages.native and not source.inflated
-        result = _unpickle_natively(data_pickle, ctx, archive, source if native_storages else None)
-    if source is not None:
-        source.finish()
+        result = _unpickle_natively(data_pickle, ctx, plan)
+    plan.finish()
     return result
 
 
