@@ -1,8 +1,9 @@
 // The Python object builder for the core pickle machine, and `unpickle`.
 //
-// Policy (what a global resolves to, what NEWOBJ and BUILD may touch) lives in
-// Python, in fastckpt/_unpickle.py, behind the `ctx` object; this file does the
-// per-opcode work that must be fast: storages and the tensors made by
+// The policy (what a global resolves to, what REDUCE, NEWOBJ and BUILD may
+// do) is decided in Python, in fastckpt/_policy.py, and read once into a
+// Policy; where storages come from is the load's StoragePlan. This file does
+// the per-opcode work that must be fast: storages and the tensors made by
 // torch._utils._rebuild_tensor_v2/_v3 (containers, strings and numbers come
 // from ValueBuilder, shared with the torch-free reader). Storages are
 // kept lazy (a slot, not a Python object) until something other than a fast
@@ -96,32 +97,65 @@ LazyRef::~LazyRef() {
 
 constexpr uint32_t kMaxLazyNesting = 8;
 
+// The policy of one unpickling, read once from its Python context through the
+// protocol written down in fastckpt/_policy.py.
+struct Policy {
+  explicit Policy(py::handle ctx)
+      : permissive(ctx.attr("permissive").cast<bool>()),
+        encoding(ctx.attr("encoding").cast<std::string>()),
+        resolve_global(ctx.attr("resolve_global")),
+        newobj(ctx.attr("newobj")),
+        build(ctx.attr("build")),
+        persistent_load(ctx.attr("persistent_load")),
+        storage_dtype(ctx.attr("storage_dtype")),
+        dtype_bits(ctx.attr("dtype_bits")),
+        dlpack_dtype(ctx.attr("dlpack_dtype")),
+        rebuild_v2(ctx.attr("rebuild_tensor_v2")),
+        rebuild_v3(ctx.attr("rebuild_tensor_v3")),
+        rebuild_qtensor(ctx.attr("rebuild_qtensor")),
+        rebuild_tensor(ctx.attr("rebuild_tensor")) {
+    if (permissive) return;
+    reduce = ctx.attr("reduce");
+    settable_mappings = ctx.attr("settable_mappings");
+    for (py::handle c : ctx.attr("checked_callables")) checked_callables.push_back(py::reinterpret_borrow<py::object>(c));
+  }
+  // Whether REDUCE on a callable resolved by GLOBAL goes through `reduce`
+  // (weights_only: the few that allocate by a size from the file, sparse
+  // tensors); others are called directly.
+  bool checks(const py::object& callable) const {
+    for (const py::object& c : checked_callables)
+      if (c.is(callable)) return true;
+    return false;
+  }
+
+  // pickle's semantics: any global, any callable, appends/setitems on any
+  // object, REDUCE on any iterable, the file's own errors pass through.
+  // Otherwise torch's weights_only rules, with `reduce` and the lists below.
+  bool permissive;
+  std::string encoding;  // of Python 2 strings; "bytes" keeps them bytes
+  py::object resolve_global, newobj, build, persistent_load;
+  py::object storage_dtype, dtype_bits, dlpack_dtype;  // dtype facts, asked once per dtype
+  py::object rebuild_v2, rebuild_v3, rebuild_qtensor, rebuild_tensor;  // made or checked natively
+  py::object reduce, settable_mappings;  // weights_only only
+  std::vector<py::object> checked_callables;
+};
+
 class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
  public:
   using Value = PyValue;
 
-  PyBuilder(py::object ctx, StoragePlan& plan) : ctx_(std::move(ctx)), plan_(plan) {
+  PyBuilder(py::handle ctx, StoragePlan& plan) : policy_(ctx), plan_(plan) {
     py::module_ torch = py::module_::import("torch");
     frombuffer_ = torch.attr("frombuffer");
     from_dlpack_ = torch.attr("_C").attr("_from_dlpack");
     empty_ = torch.attr("empty");
     uint8_ = torch.attr("uint8");
     typed_storage_ = py::module_::import("torch.storage").attr("TypedStorage");
-    rebuild_v2_ = ctx_.attr("rebuild_tensor_v2");
-    rebuild_v3_ = ctx_.attr("rebuild_tensor_v3");
-    rebuild_qtensor_ = ctx_.attr("rebuild_qtensor");
-    rebuild_tensor_ = ctx_.attr("rebuild_tensor");
-    newobj_ = ctx_.attr("newobj");
-    build_ = ctx_.attr("build");
     py::module_ errors = py::module_::import("fastckpt.errors");
     checkpoint_error_ = errors.attr("CheckpointError");
     unpickling_error_ = errors.attr("UnpicklingError");
-    encoding_ = ctx_.attr("encoding").cast<std::string>();
-    permissive_ = ctx_.attr("permissive").cast<bool>();
-    if (!permissive_) {
-      reduce_ = ctx_.attr("reduce");
-      for (py::handle c : ctx_.attr("checked_callables")) checked_callables_.push_back(py::reinterpret_borrow<py::object>(c));
-    }
+    encoding_ = policy_.encoding;
+    permissive_ = policy_.permissive;
     empty_shape_ = py::make_tuple(0);
     // Names used per tensor, made once: attribute lookups by C string would
     // build and hash a new str on every call.
@@ -166,8 +200,8 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     auto it = globals_.find(key);
     if (it != globals_.end()) return it->second;
     py::object m = materialize_str(module), n = materialize_str(name);
-    Value v{ctx_.attr("resolve_global")(m, n), LazyRef(), 0, true};
-    v.checked = !permissive_ && is_checked_callable(v.obj);  // decided once per global, not per REDUCE
+    Value v{policy_.resolve_global(m, n), LazyRef(), 0, true};
+    v.checked = policy_.checks(v.obj);  // decided once per global, not per REDUCE
     globals_.emplace(std::move(key), v);
     return v;
   }
@@ -179,10 +213,10 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
 
   Value reduce(Value& callable, Value& args) {
     if (args.lazy && args.lazy->slot == nullptr &&
-        (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_))) {
+        (callable.obj.is(policy_.rebuild_v2) || callable.obj.is(policy_.rebuild_v3))) {
       py::object t;
       try {
-        t = fast_rebuild(callable.obj.is(rebuild_v3_), args.lazy->items);
+        t = fast_rebuild(callable.obj.is(policy_.rebuild_v3), args.lazy->items);
       } catch (py::error_already_set& e) {  // torch refused the file's metadata, as its own function would
         e.restore();
         reraise_as_checkpoint_error(callable.obj);
@@ -195,14 +229,14 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       if (!permissive_) unsafe("REDUCE arguments must be a tuple, got " + describe(args));
       a = steal(PySequence_Tuple(a.ptr()));  // pickle calls func(*args) with any iterable
     }
-    if (callable.obj.is(rebuild_v2_) || callable.obj.is(rebuild_v3_) || callable.obj.is(rebuild_qtensor_) ||
-        callable.obj.is(rebuild_tensor_))
-      check_rebuild_args(callable.obj.is(rebuild_v3_), a);
+    if (callable.obj.is(policy_.rebuild_v2) || callable.obj.is(policy_.rebuild_v3) || callable.obj.is(policy_.rebuild_qtensor) ||
+        callable.obj.is(policy_.rebuild_tensor))
+      check_rebuild_args(callable.obj.is(policy_.rebuild_v3), a);
     // weights_only: the policy decides for callables not named by GLOBAL (torch's rules) and for
     // the few it checks (file-sized allocations, sparse tensors); the others are called directly.
     const bool direct = permissive_ || (callable.global && !callable.checked);
     PyObject* r = direct ? PyObject_Call(callable.obj.ptr(), a.ptr(), nullptr)
-                         : PyObject_CallFunctionObjArgs(reduce_.ptr(), callable.obj.ptr(), a.ptr(),
+                         : PyObject_CallFunctionObjArgs(policy_.reduce.ptr(), callable.obj.ptr(), a.ptr(),
                                                         callable.global ? Py_True : Py_False, nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(callable.obj);
     return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
@@ -211,7 +245,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     ready(args);
     py::object a = materialize(args);
     if (!PyTuple_CheckExact(a.ptr())) unsafe("NEWOBJ arguments must be a tuple, got " + describe(args));
-    PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
+    PyObject* r = PyObject_CallFunctionObjArgs(policy_.newobj.ptr(), cls.obj.ptr(), a.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
     return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
@@ -221,7 +255,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     py::object a = materialize(args), k = materialize(kwargs);
     if (!PyTuple_CheckExact(a.ptr()) || !PyDict_CheckExact(k.ptr()))
       unsafe("NEWOBJ_EX needs a tuple and a dict");
-    PyObject* r = PyObject_CallFunctionObjArgs(newobj_.ptr(), cls.obj.ptr(), a.ptr(), k.ptr(), nullptr);
+    PyObject* r = PyObject_CallFunctionObjArgs(policy_.newobj.ptr(), cls.obj.ptr(), a.ptr(), k.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(cls.obj);
     return Value{steal(r), LazyRef(), args.depth, false, kReachesAllSlots};
   }
@@ -229,7 +263,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     ready(obj);
     ready(state);
     py::object o = materialize(obj), st = materialize(state);
-    PyObject* r = PyObject_CallFunctionObjArgs(build_.ptr(), o.ptr(), st.ptr(), nullptr);
+    PyObject* r = PyObject_CallFunctionObjArgs(policy_.build.ptr(), o.ptr(), st.ptr(), nullptr);
     if (r == nullptr) reraise_as_checkpoint_error(py::type::handle_of(o));
     Py_DECREF(r);
     obj.depth = std::max(obj.depth, state.depth + 1);
@@ -254,7 +288,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     std::string key_str(key_utf8, static_cast<size_t>(key_len));
     const StoragePlan::Entry* known = plan_.find(key_str);
     PyValue* cached = known != nullptr && known->id < cached_.size() && cached_[known->id].lazy ? &cached_[known->id] : nullptr;
-    if (cached == nullptr && !native_location(location)) return plain(ctx_.attr("persistent_load")(pid));
+    if (cached == nullptr && !native_location(location)) return plain(policy_.persistent_load(pid));
 
     const DtypeInfo& info = storage_dtype(storage_type);
     int64_t n = as_int64(numel, "storage numel");
@@ -271,7 +305,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
                                     " before: one non-empty record cannot hold both");
     }
     const StoragePlan::Entry& entry = plan_.entry(key_str, nbytes);
-    if (entry.source == StoragePlan::Source::Staged) return plain(ctx_.attr("persistent_load")(pid));
+    if (entry.source == StoragePlan::Source::Staged) return plain(policy_.persistent_load(pid));
     slots_.emplace_back();
     StorageSlot& slot = slots_.back();
     slot.entry = &entry;
@@ -326,12 +360,6 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     throw py::error_already_set();
   }
 
-  bool is_checked_callable(const py::object& f) const {
-    for (const py::object& c : checked_callables_)
-      if (c.is(f)) return true;
-    return false;
-  }
-
   std::string describe(const Value& v) {
     if (v.obj.ptr() == nullptr) return v.lazy->slot ? "a storage" : "a tuple";
     return "an object of type " + type_name(v.obj);
@@ -339,8 +367,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
 
   bool is_settable_mapping(PyObject* target) {
     if (target == nullptr) return false;
-    if (!settable_types_) settable_types_ = ctx_.attr("settable_mappings");
-    return PySequence_Contains(settable_types_.ptr(), reinterpret_cast<PyObject*>(Py_TYPE(target))) == 1;
+    return PySequence_Contains(policy_.settable_mappings.ptr(), reinterpret_cast<PyObject*>(Py_TYPE(target))) == 1;
   }
 
   // Whether the plan makes storages tagged `location` natively; torch.save
@@ -355,7 +382,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   const DtypeInfo& storage_dtype(py::handle storage_type) {
     auto it = dtypes_.find(storage_type.ptr());
     if (it != dtypes_.end()) return it->second;
-    py::tuple info = ctx_.attr("storage_dtype")(storage_type);  // raises for non-storage types
+    py::tuple info = policy_.storage_dtype(storage_type);  // raises for non-storage types
     keep_alive_.push_back(py::reinterpret_borrow<py::object>(storage_type));
     return dtypes_.emplace(storage_type.ptr(), DtypeInfo{info[0], info[1].cast<uint32_t>()}).first->second;
   }
@@ -364,7 +391,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   const DLDataType* dlpack_dtype(py::handle dtype) {
     auto it = dlpack_types_.find(dtype.ptr());
     if (it == dlpack_types_.end()) {
-      py::object code_bits = ctx_.attr("dlpack_dtype")(dtype);
+      py::object code_bits = policy_.dlpack_dtype(dtype);
       std::optional<DLDataType> dl;
       if (!code_bits.is_none()) {
         auto pair = code_bits.cast<std::pair<uint8_t, uint8_t>>();
@@ -389,7 +416,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   uint32_t dtype_bits(py::handle dtype) {
     auto it = element_bits_.find(dtype.ptr());
     if (it != element_bits_.end()) return it->second;
-    uint32_t bits = ctx_.attr("dtype_bits")(dtype).cast<uint32_t>();  // raises for non-dtypes
+    uint32_t bits = policy_.dtype_bits(dtype).cast<uint32_t>();  // raises for non-dtypes
     keep_alive_.push_back(py::reinterpret_borrow<py::object>(dtype));
     element_bits_.emplace(dtype.ptr(), bits);
     return bits;
@@ -521,14 +548,13 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     PyObject* args[] = {slot.buffer.ptr(), dtype.ptr(), n.ptr()};
     return steal(PyObject_Vectorcall(frombuffer_.ptr(), args, 1, frombuffer_kwnames_.ptr()));
   }
-  py::object ctx_;
+  Policy policy_;
   StoragePlan& plan_;
   py::str name_set_, name_untyped_storage_, name_requires_grad_, name_backward_hooks_;
   py::object frombuffer_kwnames_, empty_kwnames_;
   py::object frombuffer_, from_dlpack_, empty_, uint8_, typed_storage_;
-  py::object rebuild_v2_, rebuild_v3_, rebuild_qtensor_, rebuild_tensor_, newobj_, reduce_, build_, settable_types_, empty_shape_;
+  py::object empty_shape_;
   py::object checkpoint_error_, unpickling_error_;
-  std::vector<py::object> checked_callables_;  // weights_only: REDUCE on these goes through ctx.reduce
   std::unordered_map<std::string, Value> globals_;
   std::vector<Value> cached_;  // by plan entry id: the storage made for it (non-empty ones, as torch caches)
   std::deque<StorageSlot> slots_;  // stable addresses for Lazy::slot
@@ -549,7 +575,7 @@ void register_unpickler(py::module_& m) {
       "unpickle",
       [](py::buffer pickle, py::object ctx, StoragePlan& plan) {
         BorrowedBuffer data(pickle, /*writable=*/false);
-        PyBuilder builder(std::move(ctx), plan);
+        PyBuilder builder(ctx, plan);
         PickleLimits limits;
         PickleMachine<PyBuilder> machine(builder, limits);
         PyValue result = machine.run(data.data(), data.size());

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from fastckpt import _native, errors, loader
+from fastckpt._policy import resolve_weights_only
 from fastckpt.archive import open_archive
 
 # Exchange granularity: large enough to run collectives near link speed, small enough that a
@@ -100,7 +101,7 @@ def _check_args(f, weights_only, pickle_module, keys, slices):
         raise TypeError("keys must be a list of keys or a predicate, not a single string")
     if slices is not None and not callable(slices):
         raise TypeError("slices must be a callable (key, shape) -> slice")
-    return loader._resolve_weights_only(weights_only, pickle_module, warn=True)
+    return resolve_weights_only(weights_only, pickle_module)
 
 
 # --------------------------------------------------------------------------- the plan (rank 0)

@@ -10,14 +10,21 @@ from fastckpt.archive import open_archive, read_record
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 
 
+def python3_name(module: str, name: str) -> tuple[str, str]:
+    """A Python 2 global's Python 3 (module, name), as pickle's fix_imports maps it."""
+    import _compat_pickle
+
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 def globals_in_pickle(data: bytes) -> list[str]:
     """Every "module.name" a pickle's GLOBAL / STACK_GLOBAL opcodes name, in first-seen order.
 
     STACK_GLOBAL operands are followed through the memo where they are plain
     strings; anything else is reported as "<dynamic>" rather than guessed.
     """
-    import _compat_pickle
-
     found: dict[str, None] = {}
     recent: list = []  # the strings most recently pushed, for STACK_GLOBAL
     memo: dict[int, object] = {}
@@ -42,10 +49,7 @@ def globals_in_pickle(data: bytes) -> list[str]:
             elif name not in ("FRAME", "PROTO"):
                 recent.append(None)
             continue
-        if (module, qualname) in _compat_pickle.NAME_MAPPING:
-            module, qualname = _compat_pickle.NAME_MAPPING[(module, qualname)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
+        module, qualname = python3_name(module, qualname)
         found[f"{module}.{qualname}"] = None
         recent.append(None)
     return list(found)

@@ -11,18 +11,11 @@ import re
 import warnings
 
 import torch
-from torch.serialization import UNSAFE_MESSAGE
 
 from fastckpt import _native, devices
 from fastckpt._native import StoragePlan
-from fastckpt._unpickle import (
-    FullContext,
-    Storages,
-    WeightsOnlyContext,
-    _default_deserializers_first,
-    make_full_unpickler,
-    native_byteorder_differs,
-)
+from fastckpt._policy import FullContext, WeightsOnlyContext, make_full_unpickler, resolve_weights_only
+from fastckpt._storages import Storages, _default_deserializers_first, native_byteorder_differs
 from fastckpt.archive import (
     byteorder_record,
     check_storage_alignment,
@@ -34,66 +27,8 @@ from fastckpt.archive import (
 from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, UnpicklingError
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_TRUE_VALUES = ("1", "y", "yes", "true")
-DOCS_MESSAGE = (  # as torch.load appends it (a local there)
-    "\n\nCheck the documentation of torch.load to learn more about types accepted by default with "
-    "weights_only https://pytorch.org/docs/stable/generated/torch.load.html."
-)
-
-
 def _is_path(f) -> bool:
     return isinstance(f, (str, os.PathLike))
-
-
-def _resolve_weights_only(weights_only, pickle_module, *, warn: bool):
-    """torch.load's rules for weights_only and its environment variables."""
-    not_set = weights_only is None
-    if not_set:
-        weights_only = torch.serialization._default_to_weights_only(pickle_module)
-    force_wo = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
-    force_no_wo = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
-    if force_wo and force_no_wo:
-        raise RuntimeError(
-            "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
-            "should be set, but both were set."
-        )
-    if force_wo:
-        weights_only = True
-    elif force_no_wo and not_set:
-        if warn:
-            warnings.warn(
-                "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
-                "`weights_only` argument was not explicitly passed to `torch.load`, forcing weights_only=False.",
-                UserWarning,
-                stacklevel=3,
-            )
-        weights_only = False
-    if weights_only:
-        if pickle_module is not None:
-            raise RuntimeError("Can not safely load weights when explicit pickle_module is specified")
-    elif pickle_module is None:
-        pickle_module = pickle
-    return weights_only, pickle_module
-
-
-def _weights_only_message(message: str) -> str:
-    """The text torch.load puts around a weights-only unpickling error."""
-    if re.search(r"GLOBAL (\S+) was not an allowed global by default.", message):
-        return (
-            "Weights only load failed. This file can still be loaded, to do so you have two options, "
-            "\033[1mdo those steps only if you trust the source of the checkpoint\033[0m. "
-            f"\n\t(1) {UNSAFE_MESSAGE}\n\t(2) Alternatively, to load with `weights_only=True` please check "
-            "the recommended steps in the following error message.\n\tWeightsUnpickler error: " + message + DOCS_MESSAGE
-        )
-    if re.search(r"(\S+) must be (\S+) to load", message):
-        return f"Weights only load failed. {message}\n {UNSAFE_MESSAGE}\n"
-    text = f"Weights only load failed. {UNSAFE_MESSAGE}\n"
-    if not re.search(r"whose module (\S+) is blocked", message):
-        text += (
-            "Please file an issue with the following so that we can make "
-            "`weights_only=True` compatible with your use case: WeightsUnpickler error: "
-        )
-    return text + "\n\n" + message + DOCS_MESSAGE
 
 
 # torch's legacy format opens with a pickle of torch.serialization.MAGIC_NUMBER.
@@ -182,9 +117,7 @@ def _unpickle_natively(data_pickle: bytes, ctx, plan):
     try:
         return _native.unpickle(data_pickle, ctx, plan)
     except UnpicklingError as e:
-        if isinstance(ctx, WeightsOnlyContext):
-            raise type(e)(_weights_only_message(str(e))) from None
-        raise
+        raise type(e)(ctx.message(str(e))) from None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -328,7 +261,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     CUDA or MPS device are staged (a ring of reused, pinned buffers; default 256 MiB), whatever
     ``mmap`` says; see :mod:`fastckpt.devices`.
     """
-    _resolve_weights_only(weights_only, pickle_module, warn=False)  # raise early, as torch does
+    weights_only, pickle_module = resolve_weights_only(weights_only, pickle_module)  # first, as torch does
     staging_bytes = devices.check_staging_bytes(staging_bytes)
     if mmap is None:
         from torch.utils.serialization import config
@@ -344,7 +277,6 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
     if mmap and not _is_path(f):  # after the TorchScript check, as in torch.load
         raise ValueError("f must be a file path in order to use the mmap argument")
-    weights_only, pickle_module = _resolve_weights_only(weights_only, pickle_module, warn=True)
     if pickle_load_args and weights_only:
         warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
     pickle_load_args.setdefault("encoding", "utf-8")

@@ -1,48 +1,101 @@
-"""What the native pickle machine asks Python: storages and the weights_only policy.
+"""The unpickling policy: weights_only resolved once per call, the contexts the native pickle
+machine asks, and torch's messages.
 
-The native builder (csrc/bindings/unpickler_bindings.cc) calls these objects for
-the rare or policy-laden steps: resolving a GLOBAL, NEWOBJ, BUILD, and storages
-that are not plain CPU bytes (other devices, meta, byte-swapped). Everything
-here mirrors torch 2.13's ``torch.serialization._load`` and
-``torch._weights_only_unpickler`` so the results and messages match torch's.
+The native builder (csrc/bindings/unpickler_bindings.cc) reads a context once, into its C++
+Policy, through this protocol:
+
+- ``encoding``: str; ``permissive``: bool, pickle's semantics (any global, any callable, the
+  file's own errors pass through) — else torch's weights_only rules;
+- ``resolve_global(module, name)``; ``newobj(cls, args[, kwargs])``; ``build(obj, state)``;
+  ``reduce(func, args, resolved)`` (weights_only: callables not named by GLOBAL, and those in
+  ``checked_callables``); ``settable_mappings``: types whose SETITEM(S) run as a dict's;
+- ``persistent_load(pid)``: storages the plan leaves to Python; ``storage_dtype``, ``dtype_bits``,
+  ``dlpack_dtype``: dtype facts; ``rebuild_tensor_v2/_v3``, ``rebuild_qtensor``,
+  ``rebuild_tensor``: the functions whose calls are made (or checked) natively;
+- ``message(text)``: the text of an UnpicklingError as torch.load words it.
+
+Everything here mirrors torch 2.13's ``torch.load`` and ``torch._weights_only_unpickler``.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
+import os
+import pickle
+import re
 import sys
+import warnings
 from collections import Counter, OrderedDict
 
-import numpy
 import torch
 from torch import _weights_only_unpickler as _wo
-from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
+from torch.serialization import UNSAFE_MESSAGE, StorageType
 
 from fastckpt import _native
-from fastckpt.errors import CheckpointError, LimitError, MetadataError, UnsafeGlobalError
+from fastckpt._storages import Storages
+from fastckpt.inspection import python3_name
+from fastckpt.errors import LimitError, MetadataError, UnsafeGlobalError
 
-Source = _native.StoragePlan.Source
+_TRUE_VALUES = ("1", "y", "yes", "true")
+DOCS_MESSAGE = (  # as torch.load appends it (a local there)
+    "\n\nCheck the documentation of torch.load to learn more about types accepted by default with "
+    "weights_only https://pytorch.org/docs/stable/generated/torch.load.html."
+)
+
+def resolve_weights_only(weights_only, pickle_module):
+    """torch.load's rules for weights_only and its environment variables: (weights_only, pickle_module),
+    resolved once per call (the warning, when due, is given here)."""
+    not_set = weights_only is None
+    if not_set:
+        weights_only = torch.serialization._default_to_weights_only(pickle_module)
+    force_wo = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    force_no_wo = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    if force_wo and force_no_wo:
+        raise RuntimeError(
+            "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
+            "should be set, but both were set."
+        )
+    if force_wo:
+        weights_only = True
+    elif force_no_wo and not_set:
+        warnings.warn(
+            "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
+            "`weights_only` argument was not explicitly passed to `torch.load`, forcing weights_only=False.",
+            UserWarning,
+            stacklevel=3,
+        )
+        weights_only = False
+    if weights_only:
+        if pickle_module is not None:
+            raise RuntimeError("Can not safely load weights when explicit pickle_module is specified")
+    elif pickle_module is None:
+        pickle_module = pickle
+    return weights_only, pickle_module
+
+
+def weights_only_message(message: str) -> str:
+    """The text torch.load puts around a weights-only unpickling error."""
+    if re.search(r"GLOBAL (\S+) was not an allowed global by default.", message):
+        return (
+            "Weights only load failed. This file can still be loaded, to do so you have two options, "
+            "\033[1mdo those steps only if you trust the source of the checkpoint\033[0m. "
+            f"\n\t(1) {UNSAFE_MESSAGE}\n\t(2) Alternatively, to load with `weights_only=True` please check "
+            "the recommended steps in the following error message.\n\tWeightsUnpickler error: " + message + DOCS_MESSAGE
+        )
+    if re.search(r"(\S+) must be (\S+) to load", message):
+        return f"Weights only load failed. {message}\n {UNSAFE_MESSAGE}\n"
+    text = f"Weights only load failed. {UNSAFE_MESSAGE}\n"
+    if not re.search(r"whose module (\S+) is blocked", message):
+        text += (
+            "Please file an issue with the following so that we can make "
+            "`weights_only=True` compatible with your use case: WeightsUnpickler error: "
+        )
+    return text + "\n\n" + message + DOCS_MESSAGE
+
 
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
 # weights_only: the most bytes an allowlisted constructor (bytearray(N)) may be asked for by
 # an integer from the file; torch.save never writes such calls (storages come by persistent id).
 MAX_CONSTRUCTED_BYTES = 64 << 20
-_PACKED_BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
-# DLPack type codes: 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool.
-_DLPACK_TYPES = {
-    torch.bool: (6, 8),
-    torch.uint8: (1, 8),
-    torch.int8: (0, 8),
-    torch.int16: (0, 16),
-    torch.int32: (0, 32),
-    torch.int64: (0, 64),
-    torch.float16: (2, 16),
-    torch.float32: (2, 32),
-    torch.float64: (2, 64),
-    torch.bfloat16: (4, 16),
-    torch.complex64: (5, 64),
-    torch.complex128: (5, 128),
-}
 _NJT_NAMES = (
     "torch.nested._internal.nested_tensor.NestedTensor",
     "torch.nested._internal.nested_tensor._rebuild_njt",
@@ -57,95 +110,6 @@ _DTENSOR_NAMES = (
     "torch.distributed.tensor.placement_types.Replicate",
     "torch.distributed.tensor.placement_types.Shard",
 )
-
-
-def _default_deserializers_first() -> bool:
-    """True when nothing registered ahead of torch's CPU deserializer could claim a 'cpu' storage."""
-    registry = torch.serialization._package_registry
-    return bool(registry) and registry[0][2] is torch.serialization._cpu_deserialize
-
-
-def _storage_from_buffer(buffer, nbytes: int):
-    """A CPU storage over bytes in place; never resizable (as torch's), so no set_ can grow it."""
-    if nbytes == 0:
-        return torch.from_numpy(numpy.empty(0, numpy.uint8)).untyped_storage()
-    return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes).untyped_storage()
-
-
-class Storages:
-    """Makes the storages the native builder leaves to Python, like torch's ``persistent_load`` +
-    ``load_tensor``: over bytes the load's plan (a ``_native.StoragePlan``) reads, or from the
-    device stager for staged ones, then restored where map_location says.
-    """
-
-    def __init__(self, plan, map_location, *, byteswap: bool, stager=None):
-        self._plan = plan
-        self._stager = stager
-        self._restore_location = _get_restore_location(map_location)
-        self._byteswap = byteswap
-        self._loaded: dict[str, torch.storage.TypedStorage] = {}
-
-    @staticmethod
-    def storage_dtype(storage_type):
-        if storage_type is torch.UntypedStorage:
-            return torch.uint8, 1
-        if isinstance(storage_type, StorageType):
-            return storage_type.dtype, storage_type.dtype.itemsize
-        raise MetadataError(f"persistent id names {storage_type!r}, which is not a storage type")
-
-    @staticmethod
-    def dlpack_dtype(dtype):
-        """(DLPack type code, bits) for dtypes torch imports through DLPack, else None."""
-        return _DLPACK_TYPES.get(dtype)
-
-    @staticmethod
-    def dtype_bits(dtype) -> int:
-        """Bits per tensor element; quint4x2 and quint2x4 pack 2 and 4 elements per byte."""
-        if not isinstance(dtype, torch.dtype):
-            raise MetadataError(f"tensor dtype is {dtype!r}, not a torch.dtype")
-        return _PACKED_BITS.get(dtype, dtype.itemsize * 8)
-
-    def persistent_load(self, saved_id):
-        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
-            raise UnsafeGlobalError(f"persistent id must be a 5-tuple ('storage', type, key, location, numel), got {saved_id!r}")
-        typename, storage_type, key, location, numel = saved_id
-        if _maybe_decode_ascii(typename) != "storage":
-            raise UnsafeGlobalError(f"only persistent ids of storages are allowed, got {typename!r}")
-        dtype, itemsize = self.storage_dtype(storage_type)
-        if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-            raise MetadataError(f"malformed persistent id {saved_id!r}")
-        if not isinstance(location, (str, bytes)):
-            raise MetadataError(f"persistent id of storage '{key}' has location {location!r}, not a string")
-        nbytes = numel * itemsize
-        if key in self._loaded:
-            loaded = self._loaded[key]
-            if loaded.dtype is not dtype or loaded._size() * loaded._element_size() != nbytes:
-                raise MetadataError(
-                    f"storage '{key}' is read as {numel} × {dtype} here but as {loaded._size()} × {loaded.dtype} "
-                    "before: one non-empty record cannot hold both"
-                )
-            return loaded
-        location = _maybe_decode_ascii(location)
-        source = self._plan.source(key)
-        if source == Source.meta:
-            storage = torch.UntypedStorage(nbytes, device="meta")
-            storage._checkpoint_offset = self._plan.data_offset(key)
-        elif source == Source.staged:
-            storage = self._stager.storage(key, nbytes)
-        else:
-            storage = _storage_from_buffer(self._plan.bytes(key, nbytes), nbytes)
-            if self._byteswap:
-                storage.byteswap(dtype)
-            try:
-                storage = self._restore_location(storage, location)
-            except RuntimeError as e:  # no deserializer for the tag, or its device is absent: torch's text
-                if isinstance(e, CheckpointError):
-                    raise
-                raise MetadataError(str(e)) from e
-        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
-        if typed._data_ptr() != 0:  # torch does not cache meta or empty storages
-            self._loaded[key] = typed
-        return typed
 
 
 def _torch_class_mapping(module, name):
@@ -173,6 +137,10 @@ class _Context:
         self.dlpack_dtype = storages.dlpack_dtype
         self.persistent_load = storages.persistent_load
 
+    @staticmethod
+    def message(text: str) -> str:
+        return text
+
 
 class FullContext(_Context):
     """weights_only=False with the stdlib pickle module: pickle's own semantics, torch's class mapping."""
@@ -190,10 +158,7 @@ class FullContext(_Context):
             return storage_type
         sys.audit("pickle.find_class", module, name)
         if self._protocol < 3:  # pickle.Unpickler's fix_imports=True
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            elif module in _compat_pickle.IMPORT_MAPPING:
-                module = _compat_pickle.IMPORT_MAPPING[module]
+            module, name = python3_name(module, name)
         __import__(module, level=0)
         if self._protocol < 4:
             return getattr(sys.modules[module], name)
@@ -268,6 +233,7 @@ class WeightsOnlyContext(_Context):
 
     permissive = False
     settable_mappings = (OrderedDict, Counter)
+    message = staticmethod(weights_only_message)
 
     def __init__(self, storages: Storages, encoding: str):
         super().__init__(storages, encoding)
@@ -282,10 +248,7 @@ class WeightsOnlyContext(_Context):
                                   *(c for c in torch._tensor_classes if "sparse" in c.__module__))
 
     def resolve_global(self, module: str, name: str):
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
+        module, name = python3_name(module, name)
         full_path = f"{module}.{name}"
         if module in _BLOCKED_MODULES:
             raise UnsafeGlobalError(f"Trying to load unsupported GLOBAL {full_path} whose module {module} is blocked.")
@@ -384,5 +347,3 @@ def make_full_unpickler(pickle_module, data_file, storages: Storages, **pickle_l
     return unpickler
 
 
-def native_byteorder_differs(byteorder: bytes | None) -> bool:
-    return byteorder is not None and byteorder.decode() != sys.byteorder
