@@ -68,8 +68,9 @@ void register_plan(py::module_& m) {
           py::arg("check_crc"), py::arg("threads") = 0,
           "Start the eager read, or (mapped) check every CRC-32 up front when `check_crc` (GIL released).")
       .def(
-          "source", [](const StoragePlan& p, const std::string& key) { return p.lookup(key).source; },
-          py::arg("key"))
+          "source", [](const StoragePlan& p, const std::string& key, uint64_t nbytes) { return p.entry(key, nbytes).source; },
+          py::arg("key"), py::arg("nbytes"),
+          "Where storage `key` of `nbytes` bytes comes from; RecordError when its record does not hold them.")
       .def(
           "data_offset",
           [](const StoragePlan& p, const std::string& key) { return p.lookup(key).record->data_offset; },

@@ -99,7 +99,7 @@ class Storages:
                 )
             return loaded
         location = _maybe_decode_ascii(location)
-        source = self._plan.source(key)
+        source = self._plan.source(key, nbytes)
         if source == Source.meta:
             storage = torch.UntypedStorage(nbytes, device="meta")
             storage._checkpoint_offset = self._plan.data_offset(key)

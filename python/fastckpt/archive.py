@@ -95,14 +95,6 @@ def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
     return data
 
 
-def checked_record(archive: _native.Archive, name: str, nbytes: int) -> dict:
-    """The record of a storage the pickle says holds `nbytes` bytes; RecordError when its size differs."""
-    record = archive.record(name)
-    if record["size"] != nbytes:
-        raise RecordError(f"record '{name}' holds {record['size']} bytes but its storage needs {nbytes}")
-    return record
-
-
 def check_version(archive: _native.Archive) -> None:
     """Refuses archives without torch.save's version record, or of a version torch does not read."""
     name = ".data/version" if ".data/version" in archive else "version"

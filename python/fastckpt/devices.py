@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 
 from fastckpt import _native
-from fastckpt.archive import checked_record
 
 DEFAULT_STAGING_BYTES = 4 * (64 << 20)
 SLOTS = 4  # ring buffers: one being read, one being copied, two of slack for uneven steps
@@ -445,8 +444,7 @@ class Stager:
         self._thread: threading.Thread | None = None
 
     def storage(self, key: str, nbytes: int) -> torch.UntypedStorage:
-        """The device storage of `key`, its bytes still arriving until finish()."""
-        checked_record(self._archive, f"data/{key}", nbytes)
+        """The device storage of `key` (its size checked by the plan), its bytes still arriving until finish()."""
         block = self._blocks[key]
         whole = self._tensor(block).untyped_storage()
         if len(block.members) == 1 and block.nbytes == nbytes:
