@@ -19,8 +19,9 @@ def _stub():
         elif isinstance(node, ast.ClassDef):
             classes[node.name] = {n.name: [a.arg for a in n.args.args if a.arg != "self"]
                                   for n in node.body if isinstance(n, ast.FunctionDef)}
-            # nested classes (enums) are members without parameters
+            # nested classes and enum values are members without parameters
             classes[node.name].update({n.name: None for n in node.body if isinstance(n, ast.ClassDef)})
+            classes[node.name].update({t.id: None for n in node.body if isinstance(n, ast.Assign) for t in n.targets})
     return functions, classes
 
 
@@ -49,7 +50,8 @@ def test_class_members_match():
     _, classes = _stub()
     for cls_name, members in classes.items():
         cls = getattr(_core, cls_name)
-        assert _public(vars(cls)) - {"__init__"} == _public(members), cls_name
+        enum_fields = {"name", "value"} if hasattr(cls, "__members__") else set()  # pybind11 enums
+        assert _public(vars(cls)) - {"__init__"} - enum_fields == _public(members), cls_name
         for name, params in members.items():
             member = vars(cls)[name]
             if params is None or isinstance(member, property) or name == "__contains__":

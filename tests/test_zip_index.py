@@ -39,13 +39,13 @@ def check_agrees(archive, source):
     expected = zipfile_entries(source)
     prefix = expected[0][0].split("/")[0]
     assert archive.prefix == prefix
-    got = [(f"{prefix}/{r['name']}", r["header_offset"], r["data_offset"], r["compressed_size"], r["size"],
-            r["crc32"], r["method"], r["flags"]) for r in archive.records()]
+    got = [(f"{prefix}/{r.name}", r.header_offset, r.data_offset, r.compressed_size, r.size,
+            r.crc32, int(r.method), r.flags) for r in archive.records()]
     assert got == expected
     for r in archive.records():
-        assert r["name"] in archive
-        assert archive.record(r["name"]) == r
-        assert r["alignment"] == min(4096, r["data_offset"] & -r["data_offset"])  # largest power of 2 dividing it
+        assert r.name in archive
+        assert archive.record(r.name) == r
+        assert r.alignment == min(4096, r.data_offset & -r.data_offset)  # largest power of 2 dividing it
     assert "missing" not in archive
     return archive
 
@@ -54,10 +54,10 @@ def check_contents(archive, path):
     """Every record reads back as zipfile reads it (zipfile also checks the CRC)."""
     with zipfile.ZipFile(path) as zf:
         for r in archive.records():
-            expected = zf.read(f"{archive.prefix}/{r['name']}")
-            assert read_record(archive, r["name"]) == expected
-            if r["method"] == 0:
-                assert bytes(archive.view(r["name"])) == expected
+            expected = zf.read(f"{archive.prefix}/{r.name}")
+            assert read_record(archive, r.name) == expected
+            if r.method == _native.Method.stored:
+                assert bytes(archive.view(r.name)) == expected
 
 
 def test_small_layout(small_ckpt):
@@ -65,13 +65,13 @@ def test_small_layout(small_ckpt):
     assert archive.prefix == "small"
     assert archive.names() == ["data.pkl", ".format_version", ".storage_alignment", "byteorder",
                                "data/0", "data/1", "data/2", "data/3", "version", ".data/serialization_id"]
-    records = {r["name"]: r for r in archive.records()}
-    assert all(r["data_offset"] % 64 == 0 and r["alignment"] >= 64 for r in records.values())
-    assert records["data/3"]["size"] == 0 and records["data/3"]["flags"] == 0x0800  # no descriptor
-    assert records["data/0"]["flags"] == 0x0808
+    records = {r.name: r for r in archive.records()}
+    assert all(r.data_offset % 64 == 0 and r.alignment >= 64 for r in records.values())
+    assert records["data/3"].size == 0 and records["data/3"].flags == 0x0800  # no descriptor
+    assert records["data/0"].flags == 0x0808
     assert archive.read("byteorder") == b"little"
     last = archive.records()[-1]
-    assert archive.central_directory_offset == last["data_offset"] + last["size"] + 16  # + descriptor
+    assert archive.central_directory_offset == last.data_offset + last.size + 16  # + descriptor
     assert archive.size == os.path.getsize(small_ckpt)
     check_contents(archive, small_ckpt)
 
@@ -122,7 +122,7 @@ def test_crc32_not_recorded(tmp_path, small_state, no_crc32):
     path = tmp_path / "nocrc.pt"
     torch.save(small_state, path)
     archive = check_agrees(_native.Archive.open(str(path)), path)
-    assert all(r["crc32"] == 0 for r in archive.records())
+    assert all(r.crc32 == 0 for r in archive.records())
     report = fastckpt.verify(path)
     assert report.ok
     assert {r.name: r.status for r in report.records}["data/0"] == "unrecorded"
@@ -143,8 +143,8 @@ def test_storage_alignment(tmp_path, small_state, alignment):
     archive = check_agrees(_native.Archive.open(str(path)), path)
     assert archive.read(".storage_alignment") == str(alignment).encode()
     for r in archive.records():
-        assert r["data_offset"] % alignment == 0
-        assert r["alignment"] >= alignment
+        assert r.data_offset % alignment == 0
+        assert r.alignment >= alignment
     check_contents(archive, path)
 
 
@@ -175,7 +175,7 @@ def test_deflated_rezip(tmp_path, small_ckpt, monkeypatch):
     path = tmp_path / "deflated.pt"
     rezip(small_ckpt, path, zipfile.ZIP_DEFLATED)
     archive = check_agrees(_native.Archive.open(str(path)), path)
-    assert {r["method"] for r in archive.records()} == {8}
+    assert {r.method for r in archive.records()} == {_native.Method.deflated}
     with pytest.raises(fastckpt.RecordError, match="compressed"):
         archive.view("data/0")
     with pytest.raises(fastckpt.RecordError, match="compressed"):
@@ -225,7 +225,7 @@ def test_python_zipfile_writers(tmp_path, small_ckpt):
     for path in (stored, forced, streamed):
         archive = check_agrees(_native.Archive.open(str(path)), path)
         check_contents(archive, path)
-    assert all(r["flags"] & 0x08 for r in _native.Archive.open(str(streamed)).records())
+    assert all(r.flags & 0x08 for r in _native.Archive.open(str(streamed)).records())
 
 
 def test_zip64_record_over_4gib(tmp_path):
@@ -241,10 +241,10 @@ def test_zip64_record_over_4gib(tmp_path):
     if os.stat(path).st_blocks * 512 > 100 << 20:
         pytest.skip("the file system does not keep the file sparse")
     archive = check_agrees(_native.Archive.open(str(path)), path)
-    records = {r["name"]: r for r in archive.records()}
-    assert records["data/0"]["size"] == 2**32 + 100
-    assert records["data/1"]["header_offset"] > 2**32
-    assert records["data/1"]["data_offset"] % 64 == 0
+    records = {r.name: r for r in archive.records()}
+    assert records["data/0"].size == 2**32 + 100
+    assert records["data/1"].header_offset > 2**32
+    assert records["data/1"].data_offset % 64 == 0
     assert archive.central_directory_offset > 2**32
     assert len(archive.view("data/0")) == 2**32 + 100  # not touched: stays sparse
     assert len(archive.read("data/1", check_crc=False)) == 40
@@ -252,6 +252,6 @@ def test_zip64_record_over_4gib(tmp_path):
 
 def test_crc_matches_zlib(small_ckpt):
     archive = _native.Archive.open(str(small_ckpt))
-    for r in archive.verify():
-        assert r["computed"] == zlib.crc32(archive.read(r["name"], check_crc=False))
-        assert r["status"] == "ok"
+    for r, status, computed in archive.verify():
+        assert computed == zlib.crc32(archive.read(r.name, check_crc=False))
+        assert status == "ok"

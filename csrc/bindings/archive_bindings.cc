@@ -25,18 +25,9 @@ std::vector<CopyResult> copies_without_gil(const Archive& a, const std::vector<C
   return run_copies(*a.file, tasks, threads);
 }
 
-py::dict record_dict(const ZipRecord& r) {
-  py::dict d;
-  d["name"] = r.name;
-  d["header_offset"] = r.header_offset;
-  d["data_offset"] = r.data_offset;
-  d["compressed_size"] = r.compressed_size;
-  d["size"] = r.size;
-  d["crc32"] = r.crc32;
-  d["method"] = r.method;
-  d["flags"] = r.flags;
-  d["alignment"] = r.alignment();
-  return d;
+// A record of `archive` (a Python Archive) as a Record that keeps it alive.
+py::object record_of(const ZipRecord& r, py::handle archive) {
+  return py::cast(&r, py::return_value_policy::reference_internal, archive);
 }
 
 }  // namespace
@@ -129,6 +120,30 @@ void register_archive(py::module_& m) {
       },
       py::arg("size"), "Zero-filled writable memory to read a file-like object into.");
 
+  py::enum_<Method>(m, "Method", "A zip record's compression method: the index accepts no others.")
+      .value("stored", Method::Stored)
+      .value("deflated", Method::Deflated);
+  py::class_<ZipRecord>(m, "Record", "One zip entry as the strict index read it; read-only, keeps its archive alive.")
+      .def_readonly("name", &ZipRecord::name, "Without the archive prefix: 'data.pkl', 'data/0'.")
+      .def_readonly("header_offset", &ZipRecord::header_offset)
+      .def_readonly("data_offset", &ZipRecord::data_offset, "The first byte of its data in the file.")
+      .def_readonly("compressed_size", &ZipRecord::compressed_size)
+      .def_readonly("size", &ZipRecord::size)
+      .def_readonly("crc32", &ZipRecord::crc32, "As stored; 0 on a non-empty record means not recorded.")
+      .def_readonly("method", &ZipRecord::method)
+      .def_readonly("flags", &ZipRecord::flags)
+      .def_property_readonly("alignment", &ZipRecord::alignment,
+                             "The largest power of two (at most 4096) dividing data_offset.")
+      .def("__repr__", [](const ZipRecord& r) {
+        return "Record('" + r.name + "', data_offset=" + std::to_string(r.data_offset) +
+               ", size=" + std::to_string(r.size) + ")";
+      });
+
+  m.def(
+      "judge_crc", [](const ZipRecord& r, uint32_t actual) { return std::string(crc_status_name(judge_crc(r, actual))); },
+      py::arg("record"), py::arg("actual"),
+      "'ok', 'mismatch' or 'unrecorded' (a stored CRC of 0 on a non-empty record): the one verdict rule.");
+
   py::class_<Archive, std::shared_ptr<Archive>>(m, "Archive")
       .def_static(
           "open",
@@ -160,14 +175,14 @@ void register_archive(py::module_& m) {
       .def_property_readonly("central_directory_offset",
                              [](const Archive& a) { return a.index.central_directory_offset(); })
       .def("records",
-           [](const Archive& a) {
+           [](py::object self) {
              py::list out;
-             for (const ZipRecord& r : a.index.records()) out.append(record_dict(r));
+             for (const ZipRecord& r : self.cast<const Archive&>().index.records()) out.append(record_of(r, self));
              return out;
            })
       .def(
           "names",
-          [](const Archive& a, const std::string& prefix, std::optional<uint16_t> method) {
+          [](const Archive& a, const std::string& prefix, std::optional<Method> method) {
             py::list out;
             for (const ZipRecord& r : a.index.records())
               if (r.name.compare(0, prefix.size(), prefix) == 0 && (!method || r.method == *method))
@@ -179,8 +194,9 @@ void register_archive(py::module_& m) {
       .def("__contains__", [](const Archive& a, const std::string& name) {
         return a.index.find(name) != nullptr;
       })
-      .def("record", [](const Archive& a, const std::string& name) { return record_dict(a.record(name)); },
-           py::arg("name"))
+      .def("record", [](py::object self, const std::string& name) {
+             return record_of(self.cast<const Archive&>().record(name), self);
+           }, py::arg("name"))
       .def("view", [](const Archive& a, const std::string& name) { return a.stored_view(a.record(name)); },
            py::arg("name"), "Zero-copy writable view of a stored record (copy-on-write for files).")
       .def("whole", [](const Archive& a) { return ByteView{a.file, a.file->mutable_data(), a.file->size()}; },
@@ -264,7 +280,8 @@ void register_archive(py::module_& m) {
           "Raise IntegrityError for the first record whose computed CRC-32 does not match its stored one.")
       .def(
           "verify",
-          [](const Archive& a, std::optional<std::vector<std::string>> names, unsigned threads) {
+          [](py::object self, std::optional<std::vector<std::string>> names, unsigned threads) {
+            const Archive& a = self.cast<const Archive&>();
             std::vector<const ZipRecord*> records;
             if (names) {
               for (const std::string& n : *names) records.push_back(&a.record(n));
@@ -277,7 +294,7 @@ void register_archive(py::module_& m) {
               const ZipRecord& r = *records[i];
               // A deflated record's CRC covers the inflated bytes: checked by
               // the Python layer, which owns the inflation cap.
-              if (r.method != 0) {
+              if (r.method != Method::Stored) {
                 problems[i] = "compressed";
                 continue;
               }
@@ -296,21 +313,17 @@ void register_archive(py::module_& m) {
             size_t k = 0;
             for (size_t i = 0; i < records.size(); ++i) {
               const ZipRecord& r = *records[i];
-              py::dict d = record_dict(r);
               if (!problems[i].empty()) {
-                d["status"] = problems[i];
-                d["computed"] = py::none();
+                out.append(py::make_tuple(record_of(r, self), problems[i], py::none()));
               } else {
                 uint32_t actual = results[k++].crc32;
-                d["status"] = crc_status_name(judge_crc(r, actual));
-                d["computed"] = actual;
+                out.append(py::make_tuple(record_of(r, self), crc_status_name(judge_crc(r, actual)), actual));
               }
-              out.append(d);
             }
             return out;
           },
           py::arg("names") = py::none(), py::arg("threads") = 0,
-          "CRC-32 of records in parallel (GIL released); a dict per record with a status.");
+          "CRC-32 of records in parallel (GIL released): (record, status, computed CRC or None) each.");
 
 }
 

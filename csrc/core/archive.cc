@@ -40,8 +40,8 @@ const ZipRecord& Archive::record(const std::string& name) const {
 }
 
 uint8_t* Archive::stored_data(const ZipRecord& r) const {
-  if (r.method != 0)
-    fail(ErrorKind::Record, describe_record(r) + " is compressed (method " + std::to_string(r.method) +
+  if (r.method != Method::Stored)
+    fail(ErrorKind::Record, describe_record(r) + " is compressed (method " + std::to_string(static_cast<int>(r.method)) +
                                 ") and cannot be viewed in place");
   if (r.compressed_size != r.size || !range_within(r.data_offset, r.size, file->size()))
     fail(ErrorKind::Record, describe_record(r) + " does not lie within the file");

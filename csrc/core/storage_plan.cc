@@ -114,7 +114,7 @@ void StoragePlan::adopt(std::string_view key, const uint8_t* data, size_t size) 
 std::vector<std::string> StoragePlan::deflated_keys() const {
   std::vector<std::string> keys;
   auto add = [&](const Entry& e) {
-    if (e.record != nullptr && e.record->method != 0 && e.source == Source::Arena)
+    if (e.record != nullptr && e.record->method != Method::Stored && e.source == Source::Arena)
       keys.push_back(e.record->name.substr(kDataPrefix.size()));
   };
   for (const Entry& e : numbered_) add(e);
@@ -147,7 +147,7 @@ void StoragePlan::start(bool check_crc, unsigned threads) {
     std::vector<CopyTask> tasks;
     std::vector<const ZipRecord*> checked;
     for (Entry* e : mine) {
-      if (e->record->method != 0) continue;  // refused when used: a mapping cannot view deflated bytes
+      if (e->record->method != Method::Stored) continue;  // refused when used: a mapping cannot view deflated bytes
       e->bytes = archive_->stored_view(*e->record);
       if (check_crc) {
         tasks.push_back({e->record->data_offset, e->record->size, nullptr, true});
@@ -176,7 +176,7 @@ const StoragePlan::Entry& StoragePlan::entry(std::string_view key, uint64_t nbyt
   if (r.size != nbytes)
     fail(ErrorKind::Record, "record '" + r.name + "' holds " + std::to_string(r.size) +
                                 " bytes but its storage needs " + std::to_string(nbytes));
-  if (e->source == Source::Mapped && r.method != 0)
+  if (e->source == Source::Mapped && r.method != Method::Stored)
     fail(ErrorKind::Record, "record '" + r.name + "' is compressed; mmap=True needs stored records (load with mmap=False)");
   return *e;
 }

@@ -204,7 +204,7 @@ class Parser {
       r.compressed_size = c.compressed_size;
       r.size = c.size;
       r.crc32 = c.crc32;
-      r.method = c.method;
+      r.method = static_cast<Method>(c.method);  // checked to be 0 or 8
       r.flags = c.flags;
       cursor = read_local(c, &r.data_offset);
       const size_t first = insert(i);

@@ -13,6 +13,8 @@
 
 namespace fastckpt {
 
+enum class Method : uint16_t { Stored = 0, Deflated = 8 };  // the only ones the index accepts
+
 struct ZipRecord {
   std::string name;          // without the archive prefix: "data.pkl", "data/0"
   uint64_t header_offset;    // local file header
@@ -20,7 +22,7 @@ struct ZipRecord {
   uint64_t compressed_size;  // bytes stored in the archive
   uint64_t size;             // uncompressed size
   uint32_t crc32;            // as stored; 0 on a non-empty record = not recorded
-  uint16_t method;           // 0 stored, 8 deflate
+  Method method;
   uint16_t flags;            // general-purpose bit flags
   // Largest power of two (capped at 4096) dividing data_offset.
   uint32_t alignment() const noexcept;

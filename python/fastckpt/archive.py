@@ -9,7 +9,7 @@ import stat
 import zlib
 
 from fastckpt import _native
-from fastckpt.errors import FormatError, IntegrityError, LimitError, RecordError
+from fastckpt.errors import FormatError, LimitError, RecordError
 
 # A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
 # never beyond this many bytes nor beyond what its header declares.
@@ -70,28 +70,24 @@ def _read_exactly(f, view: memoryview) -> None:
 def read_record(archive: _native.Archive, name: str, check_crc: bool = True) -> bytes:
     """The bytes of a (small) record: stored records are copied, deflated ones inflated under a cap."""
     info = archive.record(name)
-    if info["method"] == 0:
+    if info.method == _native.Method.stored:
         return archive.read(name, check_crc)
     return _inflate(archive, info, check_crc)
 
 
-def _inflate(archive: _native.Archive, info: dict, check_crc: bool) -> bytes:
-    name = info["name"]
-    if info["method"] != 8:
-        raise RecordError(f"record '{name}' uses compression method {info['method']}; only stored and deflate are read")
-    if info["size"] > MAX_INFLATED_BYTES:
-        raise LimitError(f"record '{name}' declares {info['size']} inflated bytes, over the {MAX_INFLATED_BYTES}-byte cap")
+def _inflate(archive: _native.Archive, info: _native.Record, check_crc: bool) -> bytes:
+    name = info.name
+    if info.size > MAX_INFLATED_BYTES:
+        raise LimitError(f"record '{name}' declares {info.size} inflated bytes, over the {MAX_INFLATED_BYTES}-byte cap")
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        data = inflater.decompress(archive.compressed_view(name), info["size"] + 1)
+        data = inflater.decompress(archive.compressed_view(name), info.size + 1)
     except zlib.error as e:
         raise RecordError(f"record '{name}' is not valid deflate data: {e}") from None
-    if len(data) != info["size"] or not inflater.eof:
-        raise RecordError(f"record '{name}' inflates to a size other than the {info['size']} bytes its header declares")
-    if check_crc and info["crc32"] and zlib.crc32(data) != info["crc32"]:
-        raise IntegrityError(
-            f"CRC-32 mismatch in record '{name}': stored 0x{info['crc32']:08x}, computed 0x{zlib.crc32(data):08x}"
-        )
+    if len(data) != info.size or not inflater.eof:
+        raise RecordError(f"record '{name}' inflates to a size other than the {info.size} bytes its header declares")
+    if check_crc:
+        archive.check_crcs([name], [zlib.crc32(data)])
     return data
 
 
@@ -107,7 +103,7 @@ def check_version(archive: _native.Archive) -> None:
 
 def read_data_pickle(archive: _native.Archive) -> bytes:
     """data.pkl, CRC-checked; refused before reading when over MAX_PICKLE_BYTES."""
-    size = archive.record("data.pkl")["size"]
+    size = archive.record("data.pkl").size
     if size > MAX_PICKLE_BYTES:
         raise LimitError(f"data.pkl is {size} bytes, over the {MAX_PICKLE_BYTES}-byte cap")
     return read_record(archive, "data.pkl")
@@ -169,8 +165,8 @@ def _checked(archive, threads: int, progress):
     results, batch, batch_bytes = [], [], 0
     records = archive.records()
     for i, r in enumerate(records):
-        batch.append(r["name"])
-        batch_bytes += r["compressed_size"]
+        batch.append(r.name)
+        batch_bytes += r.compressed_size
         if batch_bytes >= _PROGRESS_BATCH_BYTES or i == len(records) - 1:
             results += archive.verify(batch, threads)
             progress(batch_bytes)
@@ -187,16 +183,15 @@ def verify(path, *, threads: int | None = None, progress=None) -> VerifyReport:
     """
     archive = open_archive(path)
     statuses = []
-    for r in _checked(archive, threads or 0, progress):
-        computed, status = r["computed"], r["status"]
+    for r, status, computed in _checked(archive, threads or 0, progress):
         if status == "compressed":
             try:
                 computed = zlib.crc32(_inflate(archive, r, check_crc=False))
-                status = "unrecorded" if r["crc32"] == 0 and r["size"] else ("ok" if computed == r["crc32"] else "mismatch")
+                status = _native.judge_crc(r, computed)
             except RecordError:
                 status = "invalid"
         statuses.append(
-            RecordStatus(r["name"], r["size"], r["crc32"], computed, status, r["data_offset"], r["alignment"])
+            RecordStatus(r.name, r.size, r.crc32, computed, status, r.data_offset, r.alignment)
         )
     name = path if isinstance(path, (str, os.PathLike)) else "<file object>"
     return VerifyReport(os.fspath(name) if not isinstance(name, str) else name, archive.prefix, statuses,

@@ -375,7 +375,7 @@ def plan_staging(archive, data_pickle: bytes, map_location, plan, *, staging_byt
         if device is None or name not in archive:
             continue
         record = archive.record(name)
-        if record["method"] == 0:  # deflated records are inflated on the host first
+        if record.method == _native.Method.stored:  # deflated records are inflated on the host first
             staged.append((key, record, backend, device))
     if not staged:
         return None
@@ -393,8 +393,8 @@ def _plan_chunks(staged, slot_bytes: int):
     chunks: list[_Chunk] = []
     open_pack: dict[torch.device, _Chunk] = {}
     pack_limit = min(PACK_BYTES, slot_bytes)
-    for key, record, _, device in sorted(staged, key=lambda s: s[1]["data_offset"]):
-        size, name = record["size"], record["name"]
+    for key, record, _, device in sorted(staged, key=lambda s: s[1].data_offset):
+        size, name = record.size, record.name
         if size <= pack_limit:
             chunk = open_pack.get(device)
             at = -(-chunk.nbytes // _PACK_ALIGN) * _PACK_ALIGN if chunk is not None else 0
@@ -406,7 +406,7 @@ def _plan_chunks(staged, slot_bytes: int):
             chunk.block.members[key] = at
             chunk.nbytes = chunk.block.nbytes = at + size
             if size:
-                chunk.ranges.append((record["data_offset"], size, at))
+                chunk.ranges.append((record.data_offset, size, at))
                 chunk.names.append(name)
             blocks[key] = chunk.block
         else:
@@ -414,7 +414,7 @@ def _plan_chunks(staged, slot_bytes: int):
             blocks[key] = block
             for start in range(0, size, slot_bytes):
                 n = min(slot_bytes, size - start)
-                chunks.append(_Chunk(block, start, n, [(record["data_offset"] + start, n, 0)], [name], size))
+                chunks.append(_Chunk(block, start, n, [(record.data_offset + start, n, 0)], [name], size))
     return blocks, [c for c in chunks if c.nbytes]
 
 

@@ -122,8 +122,8 @@ def _plan(path: str, ranks: int) -> dict:
 
 def _file_entry(path: str, archive) -> dict:
     """The file's stored records in file order: [name, data offset, size, crc32, is a storage]."""
-    stored = sorted((r for r in archive.records() if r["method"] == 0), key=lambda r: r["data_offset"])
-    records = [[r["name"], r["data_offset"], r["size"], r["crc32"], r["name"].startswith("data/")] for r in stored]
+    stored = sorted((r for r in archive.records() if r.method == _native.Method.stored), key=lambda r: r.data_offset)
+    records = [[r.name, r.data_offset, r.size, r.crc32, r.name.startswith("data/")] for r in stored]
     return {"path": path, "size": archive.size, "records": records}
 
 

@@ -219,7 +219,7 @@ def inspect_report(path, max_items: int = 200) -> dict:
 
     archive, tree = read_tree(path)
     records = archive.records()
-    data = [r for r in records if r["name"].startswith("data/")]
+    data = [r for r in records if r.name.startswith("data/")]
     pickle_globals = globals_in_pickle(read_record(archive, "data.pkl"))
     marks = _allowlist_marks(pickle_globals)
     lines: list[str] = []
@@ -227,8 +227,8 @@ def inspect_report(path, max_items: int = 200) -> dict:
     tensors = flatten(tree, lambda x: type(x) in (TensorInfo, Unsupported))
     return {
         "path": os.fspath(path), "prefix": archive.prefix, "size": archive.size, "records": len(records),
-        "storages": len(data), "storage_bytes": sum(r["size"] for r in data),
-        "min_alignment": min((r["alignment"] for r in data), default=0),
+        "storages": len(data), "storage_bytes": sum(r.size for r in data),
+        "min_alignment": min((r.alignment for r in data), default=0),
         "globals": [{"name": g, "weights_only": marks.get(g)} for g in pickle_globals],
         "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors.values() if type(t) is TensorInfo),
         "tree": lines,

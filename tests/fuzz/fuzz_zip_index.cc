@@ -58,7 +58,8 @@ void check_accepted(const ZipIndex& index, const uint8_t* data, size_t size, con
         !fastckpt::checked_add(r.data_offset, r.compressed_size, &data_end) || data_end > cd)
       violated("records overlap, or run past the central directory");
     cursor = data_end;
-    if ((r.method != 0 && r.method != 8) || (r.method == 0 && r.compressed_size != r.size))
+    const auto method = static_cast<uint16_t>(r.method);  // the raw value: the index must only let 0 and 8 through
+    if ((method != 0 && method != 8) || (method == 0 && r.compressed_size != r.size))
       violated("unknown method, or a stored record whose sizes differ");
     if (r.flags & ~0x0808u) violated("flags other than bits 3 and 11");
     if (r.name.size() + index.prefix().size() + 1 > limits.max_name_length) violated("name over max_name_length");
