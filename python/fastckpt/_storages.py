@@ -32,7 +32,7 @@ _DLPACK_TYPES = {
 }
 
 
-def _default_deserializers_first() -> bool:
+def default_deserializers_first() -> bool:
     """True when nothing registered ahead of torch's CPU deserializer could claim a 'cpu' storage."""
     registry = torch.serialization._package_registry
     return bool(registry) and registry[0][2] is torch.serialization._cpu_deserialize

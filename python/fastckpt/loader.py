@@ -15,7 +15,7 @@ import torch
 from fastckpt import _native, devices
 from fastckpt._native import StoragePlan
 from fastckpt._policy import FullContext, WeightsOnlyContext, make_full_unpickler, resolve_weights_only
-from fastckpt._storages import Storages, _default_deserializers_first, native_byteorder_differs
+from fastckpt._storages import Storages, default_deserializers_first, native_byteorder_differs
 from fastckpt.archive import (
     byteorder_record,
     check_storage_alignment,
@@ -149,7 +149,7 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
         mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.arena
     targets = str(map_location) if isinstance(map_location, torch.device) else map_location
     # Swapped bytes, or a deserializer registered ahead of torch's, leave every storage to Python.
-    plan = StoragePlan(archive, mode, targets, native_cpu=not byteswap and _default_deserializers_first())
+    plan = StoragePlan(archive, mode, targets, native_cpu=not byteswap and default_deserializers_first())
     stager = None
     if mode != StoragePlan.Mode.meta:
         if not byteswap:  # swapped bytes are fixed on the host, by torch's path
