@@ -16,8 +16,9 @@ import os
 import re
 
 from fastckpt import _native
-from fastckpt.errors import CheckpointError, IntegrityError
+from fastckpt.errors import CheckpointError
 from fastckpt._descriptors import Unsupported
+from fastckpt.archive import check_storage_crc
 from fastckpt.reader import CheckpointReader, numpy_dtype
 from fastckpt.reader import open as open_checkpoint
 
@@ -215,10 +216,5 @@ def _copy(out, fd: int, offset: int, nbytes: int, chunk: bytearray, progress) ->
 
 
 def _check(job: _Job, computed: int) -> None:
-    storage = job.info.storage
-    if storage.crc32 not in (0, computed):
-        raise IntegrityError(
-            f"CRC-32 mismatch in record '{storage.record}' (storage of tensor '{job.key}') of {job.reader.path}: "
-            f"stored 0x{storage.crc32:08x}, computed 0x{computed:08x}"
-        )
+    check_storage_crc(job.reader._archive, job.info.storage.record, computed, job.key, f" of {job.reader.path}")
 

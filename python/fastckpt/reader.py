@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastckpt import _descriptors, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
-from fastckpt.archive import byteorder_record, check_version, open_archive, read_data_pickle
-from fastckpt.errors import CheckpointError, FormatError, IntegrityError
+from fastckpt.archive import byteorder_record, check_storage_crc, check_version, open_archive, read_data_pickle
+from fastckpt.errors import CheckpointError, FormatError
 
 FRAMEWORKS = ("numpy", "pt", "mlx")
 _NUMPY_NAMES = {
@@ -220,12 +220,7 @@ class CheckpointReader:
         return array
 
     def _check_crc(self, key: str, storage, buffer) -> None:
-        computed = _native.crc32(buffer)
-        if storage.crc32 not in (0, computed) or (storage.crc32 == 0 and storage.nbytes == 0 and computed != 0):
-            raise IntegrityError(
-                f"CRC-32 mismatch in record '{storage.record}' (storage of tensor '{key}'): "
-                f"stored 0x{storage.crc32:08x}, computed 0x{computed:08x}; the file is corrupted"
-            )
+        check_storage_crc(self._archive, storage.record, _native.crc32(buffer), key)
         self._checked.add(storage.record)
 
     def _torch(self) -> dict:
