@@ -128,7 +128,7 @@ def test_ceiling_reader_fills_every_byte_of_fresh_memory(tmp_path, threads, bloc
     data = os.urandom((3 << 20) + 12345)  # shares and blocks that do not divide the size
     path = tmp_path / "data.bin"
     path.write_bytes(data)
-    with ceilings._Fresh(len(data)) as fresh:
+    with ceilings._Mapping(len(data)) as fresh:
         assert ceilings.read_file(str(path), len(data), threads, block, into=fresh) > 0
         assert bytes(fresh.view()) == data
     assert ceilings.read_file(str(path), len(data), threads, block, direct=ceilings._direct_works(str(path))) > 0

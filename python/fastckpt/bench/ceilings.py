@@ -4,7 +4,7 @@ They are the denominators of "% of ceiling", each the fastest way this machine c
 load can approach a ceiling but not beat it:
 - warm eager: populate fresh memory (`MADV_POPULATE_WRITE`) and fill it from the page cache with
   pread, on all cores — an eager load cannot do less;
-- warm lazy: map the page cache and touch a byte per page;
+- warm lazy: map the page cache, fault it in on all cores (`MADV_POPULATE_READ`), touch a byte per page;
 - cold: read the evicted file into pre-faulted buffers with the reader configuration (threads x
   block size x O_DIRECT) that a brief search finds fastest, reported with the figure;
 - CUDA: a pinned host-to-device copy.
@@ -30,7 +30,8 @@ SEARCH_THREADS = (1, 2, 4, 8)
 SEARCH_BLOCKS = (1 << 20, 4 << 20, 16 << 20)
 FINALISTS = 3  # the fastest configurations of the search, measured again over FILE_CAP
 WARM_BLOCK = 4 << 20
-MADV_POPULATE_WRITE = 23  # Linux 5.14; older kernels refuse it and the pages fault inside pread instead
+# Linux 5.14; older kernels refuse them and the pages fault one by one instead.
+MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23
 
 _libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL: madvise runs in parallel
 _libc.mmap.restype = ctypes.c_void_p
@@ -63,13 +64,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-class _Fresh:
-    """Anonymous memory mapped by hand, so it is fresh (never faulted) and unmapped on exit."""
+class _Mapping:
+    """A mapping made by hand: fresh anonymous memory (never faulted), or with `fd` the file's page cache
+    read-only; unmapped on exit. The address is needed for madvise, which Python's mmap cannot run in
+    parallel."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, fd: int = -1):
         self.nbytes = nbytes
-        self.addr = _libc.mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
-                               mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        prot, flags = ((mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if fd < 0
+                       else (mmap.PROT_READ, mmap.MAP_SHARED))
+        self.addr = _libc.mmap(None, nbytes, prot, flags, fd, 0)
         if self.addr == ctypes.c_void_p(-1).value:
             raise OSError(ctypes.get_errno(), "mmap")
 
@@ -77,8 +81,12 @@ class _Fresh:
         length = self.nbytes - offset if length is None else length
         return memoryview((ctypes.c_ubyte * length).from_address(self.addr + offset)).cast("B")
 
-    def populate(self, offset: int = 0, length: int | None = None) -> None:
-        _libc.madvise(self.addr + offset, self.nbytes - offset if length is None else length, MADV_POPULATE_WRITE)
+    def populate(self, offset: int = 0, length: int | None = None, advice: int = MADV_POPULATE_WRITE) -> None:
+        _libc.madvise(self.addr + offset, self.nbytes - offset if length is None else length, advice)
+
+    def populate_on_all_cores(self, advice: int = MADV_POPULATE_WRITE) -> None:
+        shares = _shares(self.nbytes, cores(), mmap.PAGESIZE)
+        _parallel(len(shares), lambda i: self.populate(shares[i][0], shares[i][1] - shares[i][0], advice))
 
     def __enter__(self):
         return self
@@ -106,12 +114,12 @@ def _shares(size: int, threads: int, align: int) -> list[tuple[int, int]]:
     return [(i * step, min(size, (i + 1) * step)) for i in range(threads) if i * step < size]
 
 
-def read_file(path: str, size: int, threads: int, block: int, direct: bool = False, into: _Fresh | None = None) -> float:
+def read_file(path: str, size: int, threads: int, block: int, direct: bool = False, into: _Mapping | None = None) -> float:
     """Seconds to read [0, size) of `path`: each thread reads its contiguous share in file order, `block`
     bytes per pread, into its part of `into` (populated first, on the clock), or else again and again
     into its own pre-faulted block-sized buffer."""
     shares = _shares(size, threads, block)
-    buffers = [] if into else [_Fresh(block) for _ in shares]
+    buffers = [] if into else [_Mapping(block) for _ in shares]
     for b in buffers:
         b.view()[:] = bytes(block)  # pre-faulted: the reads measure the page cache or the disk
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))  # O_DIRECT: buffers are page-aligned
@@ -136,15 +144,14 @@ def read_file(path: str, size: int, threads: int, block: int, direct: bool = Fal
 
 def memory(nbytes: int) -> dict:
     """memcpy between pre-faulted buffers on one core, and populating fresh memory on all cores."""
-    with _Fresh(nbytes) as src, _Fresh(nbytes) as dst:
+    with _Mapping(nbytes) as src, _Mapping(nbytes) as dst:
         src.view()[:] = b"\1" * nbytes
         dst.view()[:] = bytes(nbytes)
         memcpy = _best_gbps(nbytes, lambda: _timed(lambda: dst.view().__setitem__(slice(None), src.view())))
 
     def populate() -> float:
-        with _Fresh(nbytes) as fresh:
-            shares = _shares(nbytes, cores(), mmap.PAGESIZE)
-            return _parallel(len(shares), lambda i: fresh.populate(shares[i][0], shares[i][1] - shares[i][0]))
+        with _Mapping(nbytes) as fresh:
+            return _timed(fresh.populate_on_all_cores)
 
     return {"memcpy_1core": memcpy, "populate": _best_gbps(nbytes, populate)}
 
@@ -156,7 +163,7 @@ def file_ceilings(path: str) -> dict:
     coldcache.warm(path)
 
     def warm_eager() -> float:
-        with _Fresh(size) as fresh:
+        with _Mapping(size) as fresh:
             return read_file(path, size, cores(), WARM_BLOCK, into=fresh)
 
     out = {
@@ -201,12 +208,16 @@ def _direct_works(path: str) -> bool:
 
 
 def _map_and_touch(path: str) -> None:
+    """Map the file, fault its pages in on all cores (MADV_POPULATE_READ) and read a byte per page."""
     import numpy as np
 
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        pages = np.frombuffer(m, dtype=np.uint8)
-        pages[::mmap.PAGESIZE].sum()
-        del pages
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with _Mapping(os.fstat(fd).st_size, fd) as m:
+            m.populate_on_all_cores(MADV_POPULATE_READ)
+            np.frombuffer(m.view(), dtype=np.uint8)[::mmap.PAGESIZE].sum()
+    finally:
+        os.close(fd)
 
 
 def host_to_device(device: str, nbytes: int) -> dict:
