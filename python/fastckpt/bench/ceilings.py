@@ -88,11 +88,14 @@ class _Mapping:
         shares = _shares(self.nbytes, cores(), mmap.PAGESIZE)
         _parallel(len(shares), lambda i: self.populate(shares[i][0], shares[i][1] - shares[i][0], advice))
 
+    def close(self) -> None:
+        _libc.munmap(self.addr, self.nbytes)
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        _libc.munmap(self.addr, self.nbytes)
+        self.close()
 
 
 def _parallel(threads: int, work) -> float:
@@ -139,7 +142,7 @@ def read_file(path: str, size: int, threads: int, block: int, direct: bool = Fal
     finally:
         os.close(fd)
         for b in buffers:
-            b.__exit__()
+            b.close()
 
 
 def memory(nbytes: int) -> dict:
@@ -147,7 +150,11 @@ def memory(nbytes: int) -> dict:
     with _Mapping(nbytes) as src, _Mapping(nbytes) as dst:
         src.view()[:] = b"\1" * nbytes
         dst.view()[:] = bytes(nbytes)
-        memcpy = _best_gbps(nbytes, lambda: _timed(lambda: dst.view().__setitem__(slice(None), src.view())))
+
+        def copy() -> None:
+            dst.view()[:] = src.view()
+
+        memcpy = _best_gbps(nbytes, lambda: _timed(copy))
 
     def populate() -> float:
         with _Mapping(nbytes) as fresh:
