@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fastckpt.bench import cli, coldcache, generate, summary, worker  # noqa: E402
+from fastckpt.bench import ceilings, cli, coldcache, generate, summary, worker  # noqa: E402
 from fastckpt.bench.generate import BenchError  # noqa: E402
 
 # --------------------------------------------------------------------------- generator
@@ -118,6 +118,29 @@ def test_touch_reads_every_distinct_storage_once():
     base = torch.arange(10_000, dtype=torch.float32)
     obj = {"a": base, "view": base[10:20], "b": [torch.ones(3, dtype=torch.bfloat16)], "empty": torch.empty(0), "n": 3}
     assert worker.touch(obj) == base.untyped_storage().nbytes() + 6
+
+
+# --------------------------------------------------------------------------- ceilings
+
+
+@pytest.mark.parametrize("threads,block", [(1, 1 << 20), (3, 1 << 20), (8, 64 << 10)])
+def test_ceiling_reader_fills_every_byte_of_fresh_memory(tmp_path, threads, block):
+    data = os.urandom((3 << 20) + 12345)  # shares and blocks that do not divide the size
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    with ceilings._Mapping(len(data)) as fresh:
+        assert ceilings.read_file(str(path), len(data), threads, block, into=fresh) > 0
+        assert bytes(fresh.view()) == data
+    assert ceilings.read_file(str(path), len(data), threads, block, direct=ceilings._direct_works(str(path))) > 0
+
+
+def test_cold_read_ceiling_reports_the_fastest_configuration(data_file, monkeypatch):
+    monkeypatch.setattr(coldcache, "resident_fraction", lambda path: 0.0)  # eviction is not under test
+    c = ceilings.cold_read(data_file, os.path.getsize(data_file))
+    assert c["cold_read"] > 0 and len(c["cold_read_search"]) >= len(ceilings.SEARCH_THREADS) * len(ceilings.SEARCH_BLOCKS)
+    assert {"threads", "block", "direct"} == set(c["cold_read_config"])
+    monkeypatch.setattr(coldcache, "resident_fraction", lambda path: 1.0)
+    assert ceilings.cold_read(data_file, 1 << 20)["cold_read"] is None
 
 
 # --------------------------------------------------------------------------- correctness
@@ -242,7 +265,7 @@ def test_results_document_schema(bench_run):
     assert results["schema"] == "fastckpt-bench/1"
     assert {"cpu", "cores", "memory_bytes", "torch", "safetensors", "fastckpt", "gpu"} <= set(results["machine"])
     assert results["config"]["rounds"] == 1 and results["config"]["modes"] == ["warm", "cold"]
-    assert set(results["ceilings"]) >= {"memcpy_1core", "first_touch", "files"}
+    assert set(results["ceilings"]) >= {"memcpy_1core", "populate", "files"}
     manifest = results["checkpoints"]["small-200"]
     assert manifest["digest"]["n_tensors"] == 200 and os.path.isfile(manifest["files"]["safetensors"]["path"])
     assert [(c["mode"], c["device"]) for c in results["cases"]] == [("warm", "cpu"), ("cold", "cpu")]
@@ -259,7 +282,7 @@ def test_results_document_schema(bench_run):
         for r in case["ratios"]:
             assert r["min"] <= r["median"] <= r["max"] and r["metric"] in ("ready_s", "load_s")
     warm = results["cases"][0]["summary"]
-    assert warm["torch"]["ceiling"]["name"] == "page-cache read"
+    assert warm["torch"]["ceiling"]["name"] == "warm eager"
     assert warm["st-load"]["lazy"] and warm["st-load"]["ceiling"]["name"] == "page-cache map"
     assert (out / "bench.png").stat().st_size > 1000
 

@@ -9,6 +9,7 @@
 // merged with crc32_combine when a task's last chunk is done.
 #include "core/copy_engine.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -53,6 +54,12 @@ constexpr uint64_t kStepBytes = uint64_t{256} << 10;
 constexpr uint64_t kBytesPerWorker = uint64_t{1} << 20;
 // One pread call reads at most this much (Linux caps a call near 2 GiB).
 constexpr uint64_t kMaxReadBytes = uint64_t{1} << 30;
+// Reading from a file, the kernel is asked (POSIX_FADV_WILLNEED) to have
+// this much beyond the unit being started on its way from the disk, so the
+// disk stays busy while workers populate, copy and checksum. Devices with
+// the common 128 KiB read_ahead_kb need it; on the 8 MiB-read-ahead virtual
+// disk it was measured against, 0/16/32/64 MiB were level within noise.
+constexpr uint64_t kReadAheadBytes = uint64_t{64} << 20;
 
 // What one worker does at a time: either one chunk of a large task, or a
 // batch of consecutive small tasks (plus the file span to pread first when
@@ -161,6 +168,7 @@ class Runner {
     std::unique_ptr<uint8_t[]>& scratch = scratch_[worker];  // allocated on first use, left uninitialised
     const Unit& unit = plan_.units[u];
     if (delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
+    if (file_.fd() >= 0) read_ahead(u);
     if (unit.chunk) {
       const CopyTask& t = tasks_[unit.first_task];
       if (t.destination != nullptr) {
@@ -179,6 +187,36 @@ class Runner {
       run_batch(unit, scratch.get());
     }
   }
+
+  // Hints the units from `u` on that start within kReadAheadBytes of u's
+  // end, each unit once (the claimed prefix only grows), contiguous ones in
+  // one call; only bytes some unit will read are hinted, so a partial load
+  // reads no gaps.
+  void read_ahead(size_t u) {
+    const std::vector<Unit>& units = plan_.units;
+    const uint64_t horizon = unit_end(units[u]) + kReadAheadBytes;
+    size_t seen = next_hint_.load(std::memory_order_relaxed);
+    size_t to;
+    do {
+      to = std::max(seen, u);
+      while (to < units.size() && unit_begin(units[to]) < horizon) ++to;
+      if (to <= seen) return;
+    } while (!next_hint_.compare_exchange_weak(seen, to, std::memory_order_relaxed));
+    for (size_t v = std::max(seen, u); v < to;) {
+      const uint64_t begin = unit_begin(units[v]);
+      uint64_t end = unit_end(units[v]);
+      while (++v < to && unit_begin(units[v]) >= end && unit_begin(units[v]) - end < kSmallTaskBytes)
+        end = unit_end(units[v]);
+      ::posix_fadvise(file_.fd(), static_cast<off_t>(file_.file_offset() + begin), static_cast<off_t>(end - begin),
+                      POSIX_FADV_WILLNEED);
+    }
+  }
+
+  // The file range a unit reads.
+  uint64_t unit_begin(const Unit& w) const {
+    return w.chunk ? tasks_[w.first_task].source_offset + w.chunk_offset : w.span_begin;
+  }
+  uint64_t unit_end(const Unit& w) const { return w.chunk ? unit_begin(w) + w.chunk_length : w.span_end; }
 
   // After every worker has joined.
   std::vector<CopyResult> take_results() {
@@ -281,6 +319,7 @@ class Runner {
   std::unique_ptr<std::atomic<uint32_t>[]> chunks_left_;  // per task: chunks not yet done
   std::vector<size_t> first_chunk_;                       // per chunked task: its first unit
   long delay_us_ = 0;
+  std::atomic<size_t> next_hint_{0};  // units before it are hinted
   std::vector<std::unique_ptr<uint8_t[]>> scratch_;  // one span buffer per worker
 };
 

@@ -29,8 +29,9 @@ using TaskDone = std::function<void(size_t task, uint32_t crc32)>;
 
 // Runs every task, splitting large ones into chunks spread over `threads`
 // workers (0 = default_thread_count()). Files with a descriptor are read with
-// pread(2) so eager copies do not fault the mapping into the process;
-// anonymous buffers are copied with memcpy. Throws std::system_error on I/O
+// pread(2) so eager copies do not fault the mapping into the process, with
+// read-ahead hints ahead of the workers; anonymous buffers are copied with
+// memcpy. Throws std::system_error on I/O
 // errors and fastckpt::Error(Record) when a range lies outside the file.
 // FASTCKPT_TEST_READ_DELAY_US (tests only) delays every unit of work, so a
 // test can catch a reader of bytes that are not there yet.

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", metavar="FILE",
                    help="your own .pt/.bin checkpoints to benchmark (instead of generated ones; .pt contenders only)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a small representative run (about a minute): {', '.join(QUICK)}, warm, 2 rounds")
+                   help=f"a small representative run (about two minutes): {', '.join(QUICK)}, warm, 2 rounds")
     p.add_argument("-c", "--checkpoints", metavar="SPEC,...",
                    help="checkpoints to run, SCENARIO-SIZE[-DTYPE] (e.g. llm-2g,llm-100m-fp16,small-100k,moe-20k,"
                         f"train-1g); default: {','.join(FULL)}")

@@ -48,14 +48,19 @@ def _ceiling_lines(results: dict) -> list[str]:
         return ["ceilings: not measured"]
     if c.get("status") == "error":
         return [f"ceilings: failed ({c['error']})"]
-    line = f"ceilings: memcpy (1 core) {c['memcpy_1core']:.1f} GB/s, first touch (fresh memory) {c['first_touch']:.1f} GB/s"
+    line = f"ceilings: memcpy (1 core) {c['memcpy_1core']:.1f} GB/s, populate fresh memory (all cores) {c['populate']:.1f} GB/s"
     if "h2d_pinned" in c:
         line += f", H2D pinned {c['h2d_pinned']:.1f} GB/s, pageable {c['h2d_pageable']:.1f} GB/s ({c['gpu']})"
     lines = [line]
     for path, f in c["files"].items():
-        cold = f"{f['cold_read']:.2f} GB/s" if f["cold_read"] else f"not measured: {f['cold_read_note']}"
-        lines.append(f"  {os.path.basename(path)}: page-cache read {f['pagecache_read']:.1f} GB/s, page-cache map "
-                     f"{f['pagecache_map']:.1f} GB/s, cold read {cold}")
+        if f["cold_read"]:
+            how = f["cold_read_config"]
+            cold = (f"{f['cold_read']:.2f} GB/s ({how['threads']} threads x {how['block'] >> 20} MiB"
+                    f"{', O_DIRECT' if how['direct'] else ''})")
+        else:
+            cold = f"not measured: {f['cold_read_note']}"
+        lines.append(f"  {os.path.basename(path)}: warm eager {f['warm_eager']:.1f} GB/s, page-cache read "
+                     f"{f['pagecache_read']:.1f} GB/s, page-cache map {f['pagecache_map']:.1f} GB/s, cold read {cold}")
     return lines
 
 

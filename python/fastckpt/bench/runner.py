@@ -44,7 +44,7 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
     manifests = [generate.ensure(spec, config.cache_dir, log) for spec in config.checkpoints]
     ceilings = None
     if config.ceilings:
-        log("measuring ceilings (memcpy, first touch, page cache, disk, H2D)")
+        log("measuring ceilings (memcpy, populate, page cache, warm eager, cold reader search, H2D)")
         cuda = next((d for d in config.devices if d.startswith("cuda")), None)
         ceilings = call_python("fastckpt.bench.ceilings", {
             "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES})

@@ -72,7 +72,7 @@ def ceiling(ceilings: dict | None, path: str, mode: str, device: str, lazy: bool
             candidates.append(("cold read", files.get("cold_read")))
         else:
             candidates.append(("page-cache map", files["pagecache_map"]) if lazy
-                              else ("page-cache read", files["pagecache_read"]))
+                              else ("warm eager", files["warm_eager"]))
     else:
         candidates.append(("H2D pinned", ceilings.get("h2d_pinned")))
         if mode == "cold":
