@@ -8,10 +8,10 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32,
     crc32_combine,
     crc32_implementation,
-    persistent_id_filter,
     read_tree,
     replace_file,
     scan_storages,
+    type_dispatch,
     unpickle,
     write_zip,
 )
