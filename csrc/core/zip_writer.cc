@@ -37,19 +37,15 @@ constexpr uint64_t kPaddingExtraHeader = 4;  // 'F' 'B' + 16-bit length
 constexpr uint64_t kEndRecordsSize = 56 + 20 + 22;  // ZIP64 end record, locator, classic end record
 constexpr uint32_t kDescriptorSignature = 0x08074b50;
 
-// Records at least this large have their data written straight from their
-// source (CRC-32 in chunks, several threads per record); smaller ones are
-// assembled with their headers in a per-thread buffer and written with one
-// pwrite per batch.
+// Records at least this large are written straight from their source in
+// chunks (several threads per record); smaller ones are assembled with their
+// headers in a per-thread buffer and written with one pwrite per batch.
 constexpr uint64_t kLargeRecordBytes = uint64_t{64} << 10;
 constexpr uint64_t kChunkBytes = uint64_t{8} << 20;
 constexpr uint64_t kBatchBytes = uint64_t{1} << 20;
 constexpr size_t kBatchRecords = 4096;
-// Data is written in pwrites of this size: pwrites of 8 MiB or more into the
-// page cache ran 3-7x slower the first time in a process here (1-2 MiB did
-// not). A thread that also computes the CRC does it step by step too, so the
-// write copies bytes still in L2.
-constexpr uint64_t kStepBytes = uint64_t{1} << 20;
+// CRC then write in steps this size, so the write copies bytes still in L2.
+constexpr uint64_t kStepBytes = uint64_t{256} << 10;
 // Below this much work per thread, starting one costs more than it saves.
 constexpr uint64_t kBytesPerWorker = uint64_t{1} << 20;
 // One pwrite call writes at most this much (Linux caps a call near 2 GiB).
@@ -119,33 +115,25 @@ ZipLayout make_layout(const std::vector<ZipSource>& records, const ZipWriteOptio
   return ZipLayout(names_and_sizes, options.prefix, options.alignment);
 }
 
-// One unit of parallel work: a batch of consecutive small records (CRC,
-// headers and data, written together), a chunk of a large record (its CRC,
-// and its bytes when one thread does everything), or the data of every large
-// record, written in file order by one thread. A buffered write holds the
-// file's inode lock (ext4, xfs, tmpfs), so two threads writing one file take
-// turns and the waiting one spins: with more threads, one writes the large
-// data while the others compute CRCs.
+// One unit of parallel work: a chunk of a large record, or a batch of
+// consecutive small records.
 struct Unit {
-  enum Kind { kBatch, kChunk, kLargeData } kind;
-  size_t first;     // batch: records [first, end); chunk: record `first`
-  size_t end;
+  size_t first;
+  size_t end;       // batch: records [first, end); chunk: first + 1
+  bool chunk;
   uint64_t offset;  // chunk: bytes [offset, offset + length) of the record
   uint64_t length;
 };
 
-std::vector<Unit> plan_units(const std::vector<ZipSource>& records, const ZipLayout& layout, bool chunks,
-                             bool large_data) {
+std::vector<Unit> plan_units(const std::vector<ZipSource>& records, const ZipLayout& layout) {
   std::vector<Unit> units;
-  if (large_data) units.push_back({Unit::kLargeData, 0, 0, 0, 0});  // first, as it takes longest
   bool batch_open = false;
   for (size_t i = 0; i < records.size(); ++i) {
     const uint64_t size = records[i].size;
     if (size >= kLargeRecordBytes) {
       batch_open = false;
-      if (chunks)
-        for (uint64_t off = 0; off < size; off += kChunkBytes)
-          units.push_back({Unit::kChunk, i, i + 1, off, std::min(kChunkBytes, size - off)});
+      for (uint64_t off = 0; off < size; off += kChunkBytes)
+        units.push_back({i, i + 1, true, off, std::min(kChunkBytes, size - off)});
       continue;
     }
     const auto& entries = layout.entries();
@@ -155,7 +143,7 @@ std::vector<Unit> plan_units(const std::vector<ZipSource>& records, const ZipLay
                    entries[i].end_offset - entries[u.first].header_offset <= kBatchBytes;
     }
     if (!batch_open) {
-      units.push_back({Unit::kBatch, i, i, 0, 0});
+      units.push_back({i, i, false, 0, 0});
       batch_open = true;
     }
     units.back().end = i + 1;
@@ -168,40 +156,30 @@ std::vector<Unit> plan_units(const std::vector<ZipSource>& records, const ZipLay
 // data only. Returns every record's CRC.
 std::vector<uint32_t> run_records(const std::vector<ZipSource>& records, const ZipLayout& layout,
                                   const ZipWriteOptions& options, int fd) {
+  const std::vector<Unit> units = plan_units(records, layout);
   uint64_t total = 0;
   for (const ZipSource& r : records) total = checked_sum({total, r.size});
   unsigned workers = options.threads == 0 ? default_thread_count() : options.threads;
   workers = static_cast<unsigned>(std::min<uint64_t>(workers, std::max<uint64_t>(1, total / kBytesPerWorker)));
-  const bool crc = options.compute_crc32;
-  const bool large_data = fd >= 0 && workers > 1;      // one thread writes, the others CRC
-  const bool chunk_writes = fd >= 0 && !large_data;    // one thread does it all, chunk by chunk
-  const std::vector<Unit> units = plan_units(records, layout, crc || chunk_writes, large_data);
 
   std::vector<uint32_t> crcs(records.size(), 0);
   std::vector<uint32_t> chunk_crc(units.size(), 0);
   std::vector<std::string> scratch(std::max(1u, workers));
+  const bool crc = options.compute_crc32;
   const auto& entries = layout.entries();
 
   run_units(units.size(), workers, [&](size_t u, unsigned worker) {
     const Unit& unit = units[u];
-    if (unit.kind == Unit::kLargeData) {
-      for (size_t i = 0; i < records.size(); ++i)
-        for (uint64_t done = 0; records[i].size >= kLargeRecordBytes && done < records[i].size; done += kStepBytes)
-          pwrite_full(fd, records[i].data + done, std::min(kStepBytes, records[i].size - done),
-                      entries[i].data_offset + done);
-      return;
-    }
-    if (unit.kind == Unit::kChunk) {
+    if (unit.chunk) {
       const ZipSource& r = records[unit.first];
       uint32_t value = 0;
-      const uint64_t step = chunk_writes ? kStepBytes : unit.length;
-      for (uint64_t done = 0; done < unit.length; done += step) {
-        const uint64_t n = std::min(step, unit.length - done);
+      for (uint64_t done = 0; done < unit.length; done += kStepBytes) {
+        const uint64_t n = std::min(kStepBytes, unit.length - done);
         // SAFETY: the chunk lies inside the record, whose source holds
         // r.size bytes (the caller's contract).
         const uint8_t* src = r.data + unit.offset + done;
         if (crc) value = crc32(value, src, static_cast<size_t>(n));
-        if (chunk_writes) pwrite_full(fd, src, n, entries[unit.first].data_offset + unit.offset + done);
+        if (fd >= 0) pwrite_full(fd, src, n, entries[unit.first].data_offset + unit.offset + done);
       }
       chunk_crc[u] = value;
       return;
@@ -223,7 +201,7 @@ std::vector<uint32_t> run_records(const std::vector<ZipSource>& records, const Z
 
   for (size_t u = 0; u < units.size(); ++u) {
     const Unit& unit = units[u];
-    if (unit.kind != Unit::kChunk) continue;
+    if (!unit.chunk) continue;
     uint32_t& value = crcs[unit.first];
     value = unit.offset == 0 ? chunk_crc[u] : crc32_combine(value, chunk_crc[u], unit.length);
   }
