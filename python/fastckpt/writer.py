@@ -179,9 +179,9 @@ def _pickle(obj, pickle_module, pickle_protocol):
         torch._C._get_tensor_metadata)
 
     if pickle_module is pickle:
-        # The same stream, with the Python calls per tensor cut from about 25 to a handful: the pickler's
-        # hooks are answered in C by type (None or NotImplemented for every other object), and the
-        # carriers made by reduce_tensor are turned into what torch's pickler would write by tuple().
+        # The same stream, with two Python calls per tensor (reduce_tensor, key_of): the pickler's hooks
+        # are answered in C by type (None or NotImplemented for every other object), and the carriers
+        # made by reduce_tensor are turned into what torch's pickler would write by tuple().
         persistent_ids = dict.fromkeys(_storage_types(), storage_id)
         persistent_ids[_PersistentId] = tuple
         # reduce_tensor takes torch's _get_obj_state(t) to be t.__dict__, true while torch.Tensor has no slots.
