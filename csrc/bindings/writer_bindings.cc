@@ -58,20 +58,20 @@ void write_all(const py::object& write, const uint8_t* data, size_t n) {
   }
 }
 
-// The body of the callable made by persistent_id_filter: `state` is
-// (types, callback). The pickler calls persistent_id for every object it
-// saves (about 19 per tensor); answering None in C for everything that is not
-// a storage keeps that from costing a Python call each. Requires the GIL.
-PyObject* filter_persistent_id(PyObject* state, PyObject* obj) {
-  PyObject* types = PyTuple_GET_ITEM(state, 0);
-  const auto type = reinterpret_cast<PyObject*>(Py_TYPE(obj));
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); ++i)
-    if (PyTuple_GET_ITEM(types, i) == type) return PyObject_CallOneArg(PyTuple_GET_ITEM(state, 1), obj);
-  Py_RETURN_NONE;
+// The body of the callable made by type_dispatch: `state` is (table,
+// default). A pickler calls persistent_id for every object it saves (about 19
+// per tensor) and reducer_override for most: answering in C for every type
+// the table does not name keeps that from costing a Python call each.
+// Requires the GIL.
+PyObject* dispatch_by_type(PyObject* state, PyObject* obj) {
+  PyObject* fn = PyDict_GetItemWithError(PyTuple_GET_ITEM(state, 0), reinterpret_cast<PyObject*>(Py_TYPE(obj)));
+  if (fn != nullptr) return PyObject_CallOneArg(fn, obj);
+  if (PyErr_Occurred()) return nullptr;
+  return Py_NewRef(PyTuple_GET_ITEM(state, 1));
 }
 
-PyMethodDef filter_def = {"persistent_id", filter_persistent_id, METH_O,
-                          "callback(obj) when type(obj) is one of the storage types, else None"};
+PyMethodDef dispatch_def = {"type_dispatch", dispatch_by_type, METH_O,
+                            "table[type(obj)](obj) when the table names type(obj), else the default"};
 
 }  // namespace
 
@@ -94,18 +94,16 @@ void register_writer(py::module_& m) {
       "Moves `temporary` over `target` atomically, by exchange then unlink where the target exists "
       "(see core/zip_writer.h). Releases the GIL.");
   m.def(
-      "persistent_id_filter",
-      [](py::tuple types, py::object callback) {
-        for (py::handle t : types)
-          if (!PyType_Check(t.ptr())) throw py::type_error("persistent_id_filter: types must be classes");
+      "type_dispatch",
+      [](py::dict table, py::object default_value) {
         // The state tuple keeps both alive for as long as the callable lives.
-        PyObject* fn = PyCFunction_New(&filter_def, py::make_tuple(types, callback).ptr());
+        PyObject* fn = PyCFunction_New(&dispatch_def, py::make_tuple(table, default_value).ptr());
         if (fn == nullptr) throw py::error_already_set();
         return py::reinterpret_steal<py::object>(fn);
       },
-      py::arg("types"), py::arg("callback"),
-      "A persistent_id for a pickler: callback(obj) when type(obj) is exactly one of `types`, None otherwise "
-      "(answered in C).");
+      py::arg("table"), py::arg("default"),
+      "A one-argument callable for a pickler's persistent_id or reducer_override: table[type(obj)](obj) "
+      "when `table` (a dict of classes to callables) names exactly type(obj), `default` otherwise (answered in C).");
   m.def(
       "write_zip",
       [](py::object target, const py::list& records, std::string prefix, uint64_t alignment, bool compute_crc32,

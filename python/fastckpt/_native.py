@@ -11,11 +11,11 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     crc32_combine,
     crc32_implementation,
     judge_crc,
-    persistent_id_filter,
     read_tree,
     replace_file,
     scan_storages,
     StoragePlan,
+    type_dispatch,
     unpickle,
     write_zip,
 )

@@ -130,48 +130,67 @@ def _pickle(obj, pickle_module, pickle_protocol):
     cpu: dict[str, tuple[int, int]] = {}
     keys: dict[int, str] = {}  # storage._cdata -> key
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype: one memory may not be saved as two dtypes
-    kinds: dict[torch.dtype, tuple] = {}  # dtype -> (legacy storage class, element size), looked up once
 
-    def kind(dtype):
-        k = kinds.get(dtype)
-        if k is None:
-            try:  # TypedStorage._pickle_storage_type()
-                name = torch.storage._dtype_to_storage_type_map()[dtype]
-            except KeyError as e:
-                raise KeyError(f"dtype {dtype} is not recognized") from e
-            k = kinds[dtype] = (getattr(torch, name), torch._utils._element_size(dtype))
-        return k
+    def key_of(storage, dtype, ptr):
+        """torch's persistent_id bookkeeping: the dtype check, then the storage's key."""
+        if ptr != 0 and dtypes.setdefault(ptr, dtype) != dtype:
+            raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
+        key = keys.setdefault(storage._cdata, str(len(keys)))
+        storages[key] = storage
+        return key
 
     def storage_id(o):
-        carried = type(o) is _TensorStorage  # a CPU tensor's, from _reduce_tensor
-        if carried or isinstance(o, torch.storage.TypedStorage):
-            storage, dtype = o if carried else (o._untyped_storage, o.dtype)
-            storage_type, itemsize = kind(dtype)
-            nbytes = storage.nbytes()
-            numel = nbytes // itemsize  # TypedStorage._size()
+        """torch's persistent_id: the id of a storage the pickler meets as such, None for anything else."""
+        if isinstance(o, torch.storage.TypedStorage):
+            storage, dtype, storage_type, numel = o._untyped_storage, o.dtype, _storage_type(o.dtype), o._size()
         elif torch.is_storage(o):
-            storage, dtype = o, torch.uint8
-            storage_type, nbytes = _ts.normalize_storage_type(type(o)), o.nbytes()
-            numel = nbytes
+            storage, dtype, storage_type, numel = o, torch.uint8, _ts.normalize_storage_type(type(o)), o.nbytes()
         else:
             return None
-        ptr = storage.data_ptr()
-        if ptr != 0 and (carried or str(storage.device) != "meta"):
-            if dtypes.setdefault(ptr, dtype) != dtype:
-                raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
-        key = keys.setdefault(storage._cdata, str(len(keys)))
-        fake_device = None if carried else getattr(o, "_fake_device", None)
+        key = key_of(storage, dtype, storage.data_ptr() if str(storage.device) != "meta" else 0)
+        fake_device = getattr(o, "_fake_device", None)
         location = str(fake_device) if fake_device is not None else _ts.location_tag(storage)
-        storages[key] = storage
-        if carried:
-            cpu[key] = (ptr, nbytes)
         return ("storage", storage_type, key, location, numel)
 
+    def reduce_tensor(t):
+        """``Tensor.__reduce_ex__`` of a plain (exactly torch.Tensor) dense CPU tensor without hooks or
+        Python state (torch's fast path, ``_reduce_ex_internal``'s last branch), with the persistent id
+        of its storage made here (see _PersistentId); NotImplemented sends every other tensor to its own
+        ``__reduce_ex__``. Runs once per tensor: every global it uses is bound to a local name."""
+        if not t.is_cpu or t.layout is not strided or t.is_quantized or t.is_nested or t._backward_hooks or t.__dict__:
+            return NotImplemented
+        dtype = t.dtype
+        rebuild, storage_type, id_dtype, itemsize = kinds.get(dtype) or _storage_kind(dtype)
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        key = key_of(storage, id_dtype, ptr)
+        cpu[key] = (ptr, nbytes)
+        pid = persistent_id(("storage", storage_type, key, "cpu", nbytes // itemsize))
+        args = (pid, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad, empty_hooks(ordered_dict))
+        if rebuild is rebuild_v3:
+            args += (dtype,)
+        metadata = tensor_metadata(t)
+        if metadata:
+            args += (metadata,)
+        return rebuild, args
+
+    kinds, strided, persistent_id, empty_hooks, ordered_dict, rebuild_v3, tensor_metadata = (
+        _KINDS, torch.strided, _PersistentId, _EmptyHooks, _ORDERED_DICT_REDUCE, torch._utils._rebuild_tensor_v3,
+        torch._C._get_tensor_metadata)
+
     if pickle_module is pickle:
-        # The same stream, minus most of the Python calls per tensor (see _reduce_tensor).
+        # The same stream, with two Python calls per tensor (reduce_tensor, key_of): the pickler's hooks
+        # are answered in C by type (None or NotImplemented for every other object), and the carriers
+        # made by reduce_tensor are turned into what torch's pickler would write by tuple().
+        persistent_ids = dict.fromkeys(_storage_types(), storage_id)
+        persistent_ids[_PersistentId] = tuple
+        # reduce_tensor takes torch's _get_obj_state(t) to be t.__dict__, true while torch.Tensor has no slots.
+        fast_tensors = not copyreg._slotnames(torch.Tensor)
+        reductions = {torch.Tensor: reduce_tensor, _EmptyHooks: tuple} if fast_tensors else {}
+
         class Pickler(pickle.Pickler):
-            persistent_id = _native.persistent_id_filter(_storage_types() + (_TensorStorage,), storage_id)
-            reducer_override = staticmethod(_reduce)
+            persistent_id = _native.type_dispatch(persistent_ids, None)
+            reducer_override = _native.type_dispatch(reductions, NotImplemented)
     else:
         class Pickler(pickle_module.Pickler):
             def persistent_id(self, o):
@@ -198,58 +217,46 @@ def _storage_types() -> tuple:
     return tuple(found)
 
 
-def _reduce(o):
-    """The pickler's reducer_override: the reduce value torch's own would give, for the two objects every
-    tensor brings (itself and its empty backward-hooks OrderedDict), faster; NotImplemented otherwise."""
-    cls = type(o)
-    if cls is torch.Tensor:
-        return _reduce_tensor(o)
-    if cls is collections.OrderedDict and not o and not o.__dict__:
-        # OrderedDict.__reduce__ gives (OrderedDict, (), None, None, iter([])), which pickles the same,
-        # but asks copyreg for the slot names of OrderedDict (uncacheable) every time.
-        return _EMPTY_ORDERED_DICT
-    return NotImplemented
+_KINDS: dict[torch.dtype, tuple] = {}
 
 
-_EMPTY_ORDERED_DICT = (collections.OrderedDict, ())
+def _storage_kind(dtype) -> tuple:
+    """(rebuild function, storage type in the persistent id, dtype for the same-memory check, element size)
+    of a tensor of `dtype` on torch's fast path, kept in _KINDS."""
+    kind = _KINDS.get(dtype)
+    if kind is None:
+        if dtype in torch.storage._new_dtypes():  # saved as an UntypedStorage
+            kind = (torch._utils._rebuild_tensor_v3, torch.UntypedStorage, torch.uint8, 1)
+        else:
+            kind = (torch._utils._rebuild_tensor_v2, _storage_type(dtype), dtype, torch._utils._element_size(dtype))
+        _KINDS[dtype] = kind
+    return kind
 
 
-def _reduce_tensor(t):
-    """``Tensor.__reduce_ex__`` of a plain (exactly torch.Tensor) dense CPU tensor without hooks or Python state (torch's fast
-    path, ``_reduce_ex_internal``'s last branch), built with a third of the calls; NotImplemented sends
-    every other object to its own ``__reduce_ex__``."""
-    if (not t.is_cpu or t.layout is not torch.strided or t.is_quantized or t.is_nested or t._backward_hooks
-            or _has_python_state(t)):
-        return NotImplemented
-    dtype = t.dtype
-    if dtype in _NEW_DTYPES:
-        rebuild, storage = torch._utils._rebuild_tensor_v3, t.untyped_storage()
-    else:
-        rebuild, storage = torch._utils._rebuild_tensor_v2, _TensorStorage((t.untyped_storage(), dtype))
-    args = (storage, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad, collections.OrderedDict())
-    if rebuild is torch._utils._rebuild_tensor_v3:
-        args += (dtype,)
-    metadata = torch._C._get_tensor_metadata(t)
-    if metadata:
-        args += (metadata,)
-    return rebuild, args
+def _storage_type(dtype):
+    """The legacy storage class of `dtype` (TypedStorage._pickle_storage_type()), with its error."""
+    try:
+        return getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
+    except KeyError as e:
+        raise KeyError(f"dtype {dtype} is not recognized") from e
 
 
-class _TensorStorage(tuple):
-    """(untyped storage, dtype): what the TypedStorage in torch's reduce value carries to persistent_id,
-    which never lets it into the stream; a tuple costs a tenth of a TypedStorage to make."""
+class _PersistentId(tuple):
+    """A storage's persistent id, made by reduce_tensor where torch's reduce value has a TypedStorage (or
+    an UntypedStorage): its own type, so that persistent_id finds it and answers tuple(it), the id."""
 
     __slots__ = ()
 
 
-_NEW_DTYPES = torch.storage._new_dtypes()
-_TENSOR_SLOTS = copyreg._slotnames(torch.Tensor)
+class _EmptyHooks(tuple):
+    """Stands for the empty OrderedDict of backward hooks in a tensor's reduce value: reducer_override
+    answers tuple(it), (OrderedDict, ()), which pickles as torch's OrderedDict() does (and the pickler
+    memoizes this object as it would that one), without a Python call or copyreg's slot-name lookup."""
+
+    __slots__ = ()
 
 
-def _has_python_state(t) -> bool:
-    """Whether torch._utils._get_obj_state(t) is truthy. Without slots that is a non-empty __dict__;
-    asking object.__getstate__ would recompute torch.Tensor's slot names on every call."""
-    return bool(torch._utils._get_obj_state(t) if _TENSOR_SLOTS else t.__dict__)
+_ORDERED_DICT_REDUCE = (collections.OrderedDict, ())
 
 
 def _records(data_pkl: bytes, storages: dict, cpu: dict, alignment: int, disable_byteorder: bool) -> list:
