@@ -2,8 +2,8 @@
 
 They are the denominators of "% of ceiling", each the fastest way this machine can do the job, so a
 load can approach a ceiling but not beat it:
-- warm eager: populate fresh memory (`MADV_POPULATE_WRITE`) and fill it from the page cache with
-  pread, on all cores — an eager load cannot do less;
+- warm eager: populate fresh memory (`MADV_POPULATE_WRITE`) a block at a time and fill each block
+  from the page cache with pread right after, on all cores — an eager load cannot do less;
 - warm lazy: map the page cache, fault it in on all cores (`MADV_POPULATE_READ`), touch a byte per page;
 - cold: read the evicted file into pre-faulted buffers with the reader configuration (threads x
   block size x O_DIRECT) that a brief search finds fastest, reported with the figure;
@@ -119,8 +119,9 @@ def _shares(size: int, threads: int, align: int) -> list[tuple[int, int]]:
 
 def read_file(path: str, size: int, threads: int, block: int, direct: bool = False, into: _Mapping | None = None) -> float:
     """Seconds to read [0, size) of `path`: each thread reads its contiguous share in file order, `block`
-    bytes per pread, into its part of `into` (populated first, on the clock), or else again and again
-    into its own pre-faulted block-sized buffer."""
+    bytes per pread, into its part of `into` (each block populated just before it is read, on the clock:
+    the zeroed pages are still in cache when the copy lands, 1.6x faster here than populating the whole
+    share first), or else again and again into its own pre-faulted block-sized buffer."""
     shares = _shares(size, threads, block)
     buffers = [] if into else [_Mapping(block) for _ in shares]
     for b in buffers:
@@ -129,10 +130,9 @@ def read_file(path: str, size: int, threads: int, block: int, direct: bool = Fal
 
     def work(i: int) -> None:
         begin, end = shares[i]
-        if into:
-            into.populate(begin, end - begin)
         for off in range(begin, end, block):
             if into:
+                into.populate(off, min(block, end - off))
                 os.preadv(fd, [into.view(off, min(block, end - off))], off)
             else:  # whole pages, as O_DIRECT wants: the buffer holds a block
                 os.preadv(fd, [buffers[i].view(0, min(block, -(-(end - off) // mmap.PAGESIZE) * mmap.PAGESIZE))], off)
