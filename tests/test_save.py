@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.serialization import config
 
-from parity import assert_same, call, fc_load
+from parity import assert_same, call, fc_load, save_bytes
 
 import fastckpt
 from fastckpt import _native
@@ -40,19 +40,11 @@ def restore_torch_save():
 
 
 def torch_bytes(obj, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ORIGINAL_SAVE(obj, buf, **kwargs)
-    return buf.getvalue()
+    return save_bytes(obj, ORIGINAL_SAVE, **kwargs)
 
 
 def fastckpt_bytes(obj, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fastckpt.save(obj, buf, **kwargs)
-    return buf.getvalue()
+    return save_bytes(obj, fastckpt.save, **kwargs)
 
 
 def save_both(tmp_path, name, obj, **kwargs) -> tuple[bytes, bytes]:

@@ -55,6 +55,7 @@ void register_plan(py::module_& m) {
           "adopt",
           [](StoragePlan& p, const std::string& key, py::buffer data) {
             BorrowedBuffer bytes(data, /*writable=*/false);
+            py::gil_scoped_release release;  // a copy of up to the inflation cap; `bytes` holds the buffer
             p.adopt(key, bytes.data(), bytes.size());
           },
           py::arg("key"), py::arg("data"), "Before start(): the inflated bytes of a deflated record.")
