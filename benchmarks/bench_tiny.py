@@ -4,7 +4,7 @@
 
 FILE defaults to the harness's small-100k checkpoint (``fastckpt bench -c small-100k`` makes it).
 Each run is a fresh process (so every loader starts from the same interpreter heap) that times:
-load (as returned), touch (one byte of every storage, as the harness's `ready` does), and the
+load (as returned), touch (one byte per page of every tensor's bytes, as the harness's `ready` does), and the
 next ``gc.collect()``; every garbage collection Python runs in each phase is timed through
 ``gc.callbacks`` and reported beside it, in µs per tensor. Medians over the runs.
 """
@@ -29,6 +29,7 @@ LOADERS = {
 CHILD = """
 import gc, json, sys, time
 import torch, fastckpt
+fastckpt.load  # its first access imports the loader: done before the clock, as the harness does
 from fastckpt.bench.worker import touch
 from fastckpt.bench.digest import flatten
 path = sys.argv[1]

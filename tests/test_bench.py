@@ -114,10 +114,12 @@ def test_a_file_found_evicted_is_timed_cold(data_file, monkeypatch):
     assert worker.check_residency(data_file, cold=True)["status"] == "not-cold"
 
 
-def test_touch_reads_every_distinct_storage_once():
+def test_touch_counts_the_bytes_of_every_tensor_once():
     base = torch.arange(10_000, dtype=torch.float32)
-    obj = {"a": base, "view": base[10:20], "b": [torch.ones(3, dtype=torch.bfloat16)], "empty": torch.empty(0), "n": 3}
-    assert worker.touch(obj) == base.untyped_storage().nbytes() + 6
+    tail = torch.arange(64.0)[8:]
+    obj = {"a": base, "view": base[10:20], "strided": base[::3], "b": [torch.ones(3, dtype=torch.bfloat16)],
+           "empty": torch.empty(0), "n": 3, "t": (tail, tail[4:])}
+    assert worker.touch(obj) == base.untyped_storage().nbytes() + 6 + tail.nbytes
 
 
 # --------------------------------------------------------------------------- ceilings

@@ -441,6 +441,22 @@ def test_tensors_outlive_loader_and_file(mmap, path):
     assert row.untyped_storage().nbytes() == 48 * 4
 
 
+@pytest.mark.parametrize("heap, collects", [(1_000, True), (10**9, False)], ids=["due", "not-due"])
+def test_full_collection_due_runs_before_returning(heap, collects, tmp_path, monkeypatch):
+    # 2,000 tensors make ~4,000 collected objects: more than a quarter of a 1,000-block heap (Python's
+    # rule would collect soon after the load), far less than a quarter of a huge one (it would not).
+    from fastckpt import loader
+
+    path = tmp_path / "many.pt"
+    torch.save({f"t{i}": torch.full((2,), float(i)) for i in range(2000)}, path)
+    collections = []
+    monkeypatch.setattr(loader.sys, "getallocatedblocks", lambda: heap)
+    monkeypatch.setattr(loader.gc, "collect", lambda *a: collections.append(a))
+    sd = fc_load(path)
+    assert len(sd) == 2000 and gc.isenabled()
+    assert collections == ([()] if collects else [])
+
+
 # --------------------------------------------------------------------------- tools
 
 
