@@ -54,7 +54,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _best_gbps(nbytes: int, fn, repeat: int = 3) -> float:
+def best_gbps(nbytes: int, fn, repeat: int = 3) -> float:
     return nbytes / min(fn() for _ in range(repeat)) / 1e9
 
 
@@ -154,13 +154,13 @@ def memory(nbytes: int) -> dict:
         def copy() -> None:
             dst.view()[:] = src.view()
 
-        memcpy = _best_gbps(nbytes, lambda: _timed(copy))
+        memcpy = best_gbps(nbytes, lambda: _timed(copy))
 
     def populate() -> float:
         with _Mapping(nbytes) as fresh:
             return _timed(fresh.populate_on_all_cores)
 
-    return {"memcpy_1core": memcpy, "populate": _best_gbps(nbytes, populate)}
+    return {"memcpy_1core": memcpy, "populate": best_gbps(nbytes, populate)}
 
 
 def file_ceilings(path: str) -> dict:
@@ -174,9 +174,9 @@ def file_ceilings(path: str) -> dict:
             return read_file(path, size, cores(), WARM_BLOCK, into=fresh)
 
     out = {
-        "pagecache_read": _best_gbps(size, lambda: read_file(path, size, cores(), WARM_BLOCK), repeat=2),
-        "warm_eager": _best_gbps(size, warm_eager, repeat=5),
-        "pagecache_map": _best_gbps(os.path.getsize(path), lambda: _map_and_touch(path), repeat=5),
+        "pagecache_read": best_gbps(size, lambda: read_file(path, size, cores(), WARM_BLOCK), repeat=2),
+        "warm_eager": best_gbps(size, warm_eager, repeat=5),
+        "pagecache_map": best_gbps(os.path.getsize(path), lambda: map_and_touch(path), repeat=5),
     }
     out.update(cold_read(path, size))
     return out
@@ -214,7 +214,7 @@ def _direct_works(path: str) -> bool:
         return False
 
 
-def _map_and_touch(path: str) -> float:
+def map_and_touch(path: str) -> float:
     """Seconds to map the file, fault its pages in on all cores (MADV_POPULATE_READ) and read a byte per
     page; unmapping is left off the clock, as a load leaves it to whoever frees the tensors."""
     import numpy as np
@@ -243,7 +243,7 @@ def host_to_device(device: str, nbytes: int) -> dict:
             torch.cuda.synchronize(device)
 
         copy()  # warm-up: first use of the copy engines and of the driver's staging buffers
-        out[name] = _best_gbps(nbytes, copy)
+        out[name] = best_gbps(nbytes, copy)
     return out
 
 
