@@ -134,13 +134,17 @@ def test_ceiling_reader_fills_every_byte_of_fresh_memory(tmp_path, threads, bloc
         assert ceilings.read_file(str(path), len(data), threads, block, into=fresh) > 0
         assert bytes(fresh.view()) == data
     assert ceilings.read_file(str(path), len(data), threads, block, direct=ceilings._direct_works(str(path))) > 0
+    with ceilings._Mapping(len(data)) as fresh:
+        assert ceilings.read_file(str(path), len(data), threads, block, into=fresh, ahead=2 * block) > 0
+        assert bytes(fresh.view()) == data
 
 
 def test_cold_read_ceiling_reports_the_fastest_configuration(data_file, monkeypatch):
     monkeypatch.setattr(coldcache, "resident_fraction", lambda path: 0.0)  # eviction is not under test
     c = ceilings.cold_read(data_file, os.path.getsize(data_file))
     assert c["cold_read"] > 0 and len(c["cold_read_search"]) >= len(ceilings.SEARCH_THREADS) * len(ceilings.SEARCH_BLOCKS)
-    assert {"threads", "block", "direct"} == set(c["cold_read_config"])
+    assert {"threads", "block", "direct", "ahead"} == set(c["cold_read_config"])
+    assert {(r["direct"], r["ahead"]) for r in c["cold_read_search"]} >= {(False, 0), (False, ceilings.SEARCH_AHEAD[-1])}
     monkeypatch.setattr(coldcache, "resident_fraction", lambda path: 1.0)
     assert ceilings.cold_read(data_file, 1 << 20)["cold_read"] is None
 

@@ -56,12 +56,16 @@ def _ceiling_lines(results: dict) -> list[str]:
         if f["cold_read"]:
             how = f["cold_read_config"]
             cold = (f"{f['cold_read']:.2f} GB/s ({how['threads']} threads x {how['block'] >> 20} MiB"
-                    f"{', O_DIRECT' if how['direct'] else ''})")
+                    f"{', O_DIRECT' if how['direct'] else ''}{_ahead(how)})")
         else:
             cold = f"not measured: {f['cold_read_note']}"
         lines.append(f"  {os.path.basename(path)}: warm eager {f['warm_eager']:.1f} GB/s, page-cache read "
                      f"{f['pagecache_read']:.1f} GB/s, page-cache map {f['pagecache_map']:.1f} GB/s, cold read {cold}")
     return lines
+
+
+def _ahead(how: dict) -> str:
+    return f", WILLNEED {how['ahead'] >> 20} MiB ahead" if how.get("ahead") else ""
 
 
 def _case_lines(case: dict, manifest: dict, contenders: dict) -> list[str]:
