@@ -126,9 +126,9 @@ def touch(obj) -> int:
 
     This is what makes a lazy (mmap) load comparable with an eager one: afterwards every page a tensor
     uses is resident and mapped. The reads are one numpy gather rather than a torch op per tensor, and
-    the extents come from attributes that cost ~0.1 µs each (`untyped_storage()` costs ~1.5 µs: it
-    makes a Python storage object), so the harness adds about half a microsecond per tensor, not the
-    2 µs it did (which was half of what a 100k-tiny-tensor load costs).
+    the extents come from attributes that make no object (`untyped_storage()` makes a tensor's first
+    Python storage object, tracked by the garbage collector: 100k of them set off collections that
+    cost ~1.6 µs per tensor after a 100k-tensor load), so the harness adds ~1 µs per tensor, not 2.
     """
     import ctypes
 
