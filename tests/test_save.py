@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import gc
 import importlib
 import inspect
 import io
@@ -244,6 +245,22 @@ def test_thread_counts_agree(tmp_path):
     fastckpt.save(obj, tmp_path / "a" / "t.pt", threads=3, atomic=False, fsync=True)
     fastckpt.save(obj, tmp_path / "b" / "t.pt", threads=2, fsync=True)
     assert (tmp_path / "a" / "t.pt").read_bytes() == (tmp_path / "b" / "t.pt").read_bytes()
+
+
+def test_save_leaves_no_garbage_and_collection_as_it_was(tmp_path):
+    # What a save makes is freed when it returns, by reference counting: a reference cycle would keep
+    # its bookkeeping (every storage, CPU copies of device ones) alive until a collection found it.
+    obj = {**many_small(200), "opt": {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"lr": 0.1}]}}
+    gc.collect()
+    gc.disable()
+    try:
+        fastckpt.save(obj, tmp_path / "a.pt")
+        assert not gc.isenabled()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    fastckpt.save(obj, tmp_path / "b.pt")
+    assert gc.isenabled()
 
 
 def test_legacy_format_is_torchs(tmp_path):
