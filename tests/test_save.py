@@ -15,6 +15,7 @@ import resource
 import signal
 import stat
 import time
+import types
 import warnings
 
 import pytest
@@ -256,7 +257,9 @@ def test_save_leaves_no_garbage_and_collection_as_it_was(tmp_path):
     try:
         fastckpt.save(obj, tmp_path / "a.pt")
         assert not gc.isenabled()
-        assert gc.collect() == 0
+        hooks = [o for o in gc.get_objects() if type(o) is types.FunctionType
+                 and o.__module__ == "fastckpt.writer" and "<locals>" in o.__qualname__]
+        assert hooks == []  # the pickling hooks, which hold the save's dicts of storages
     finally:
         gc.enable()
     fastckpt.save(obj, tmp_path / "b.pt")
