@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import functools
 import gc
 import io
 import os
@@ -206,19 +207,28 @@ def _pickle(obj, pickle_module, pickle_protocol):
         pickler.persistent_id = _native.type_dispatch(persistent_ids, None)
         pickler.reducer_override = _native.type_dispatch(reductions, NotImplemented)
     else:
-        class Pickler(pickle_module.Pickler):  # as torch.save does it, for picklers that may take no attributes
-            def persistent_id(self, o):
-                return storage_id(o)
-
-        pickler = Pickler(buffer, protocol=pickle_protocol)
+        pickler = _subclass_of(pickle_module.Pickler)(buffer, protocol=pickle_protocol)
+        pickler.storage_id = storage_id
     pickler.dump(obj)
     return buffer.getvalue(), storages, cpu
 
 
+# The picklers take their hooks per instance: a class made per save (as torch.save makes one) is a
+# reference cycle, which kept the save's bookkeeping (every storage, and the CPU copies of device ones)
+# alive after it returned, until a garbage collection found it.
 class _HookedPickler(pickle.Pickler):
-    """The stdlib pickler, its hooks set on each instance: a class made per save (as torch.save makes one)
-    is a reference cycle, which kept the save's bookkeeping (every storage, and the CPU copies of device
-    ones) alive after it returned, until a garbage collection found it."""
+    """The stdlib pickler, with persistent_id and reducer_override set on the instance."""
+
+
+@functools.cache
+def _subclass_of(pickler: type) -> type:
+    """Another pickle module's Pickler, answering persistent_id with the instance's `storage_id`."""
+
+    class Pickler(pickler):
+        def persistent_id(self, o):
+            return self.storage_id(o)
+
+    return Pickler
 
 
 def _storage_types() -> tuple:
