@@ -138,9 +138,9 @@ struct Unit {
 std::vector<Unit> plan_units(const std::vector<ZipSource>& records, const ZipLayout& layout) {
   std::vector<Unit> units;
   bool batch_open = false;
+  const auto& entries = layout.entries();
   for (size_t i = 0; i < records.size(); ++i) {
     const uint64_t size = records[i].size;
-    const auto& entries = layout.entries();
     if (size >= kLargeRecordBytes) {
       batch_open = false;
       for (uint64_t off = 0, n; off < size; off += n) {

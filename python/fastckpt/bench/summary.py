@@ -56,7 +56,7 @@ def _summarize(case: dict, cid: str, lazy: bool, manifest: dict, ceilings: dict 
         out["gbps"] = manifest["digest"]["storage_bytes"] / ready["median"] / 1e9
         out["us_per_tensor"] = ready["median"] / max(1, manifest["digest"]["n_tensors"]) * 1e6
         limit = ceiling(ceilings, manifest["files"]["pt"]["path"], case["mode"], case["device"], lazy,
-                        same_state_map=max((s["map_gbps"] for s in case["samples"] if "map_gbps" in s), default=None))
+                        same_state_map=max((s["map_gbps"] for s in ok if "map_gbps" in s), default=None))
         if limit:
             out["ceiling"] = {"name": limit[0], "gbps": limit[1], "percent": 100 * out["gbps"] / limit[1]}
     return out
@@ -66,9 +66,9 @@ def ceiling(ceilings: dict | None, path: str, mode: str, device: str, lazy: bool
             same_state_map: float | None = None) -> tuple[str, float] | None:
     """The relevant physical limit (name, GB/s) for a load, or None when it was not measured.
 
-    For warm lazy loads that is mapping the file, measured by the workers right after their loads
-    (`same_state_map`, the best of the case), where they ran: the run-wide figure is taken in another
-    page-cache state."""
+    For warm lazy loads that is mapping the file, measured by the contender's workers right after
+    their loads (`same_state_map`, the best of them: the file they loaded, in the page-cache state
+    they saw); the run-wide figure is taken in another state."""
     files = (ceilings or {}).get("files", {}).get(path)
     if not files:
         return None
