@@ -17,10 +17,11 @@ ALL_CONTENDERS = "all"
 # The headline comparisons (eager and lazy torch.load, safetensors, eager and lazy fastckpt): what --quick
 # and a run on the user's own files compare; the variants (pickle, file object, 2nd load) are for full runs.
 CORE_CONTENDERS = "torch,torch-mmap,st-load,fastckpt,fastckpt-mmap"
-# User files smaller than this run warm only: a cold load of a few MB times the disk's latency, not the loader.
+# User files smaller than this run warm only (a cold load of a few MB times the disk's latency, not the
+# loader) and 2 rounds, as --quick: the run is the workers' imports, not the loads.
 SMALL_FILE_BYTES = 64 << 20
 DEFAULT_OUT = "fastckpt-bench"
-QUICK_TIME = "about 45 s"  # fresh clone (checkpoints generated) on an idle 2-core machine; benchmarks/README.md
+QUICK_TIME = "about 40 s"  # estimated for a fresh clone on an idle 2-core machine: benchmarks/README.md
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{SMALL_FILE_BYTES >> 20} MiB: warm)")
     p.add_argument("--device", metavar="cpu,cuda", help="targets (default: cpu, plus cuda:0 when available)")
     p.add_argument("-r", "--rounds", type=int, help="rounds per case: each contender once per round (default 3; "
-                                                     "--quick: 2)")
+                                                     f"--quick, and FILEs all under {SMALL_FILE_BYTES >> 20} MiB: 2)")
     p.add_argument("--out", metavar="DIR", default=DEFAULT_OUT,
                    help=f"where results.json and bench.png are written (default ./{DEFAULT_OUT}/)")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="where generated checkpoints are kept")
@@ -82,7 +83,7 @@ def config_from_args(args: argparse.Namespace, log) -> "runner.Config":  # noqa:
     modes = _split(args.mode) if args.mode else ["warm"] if args.quick or small_files else ["warm", "cold"]
     if not modes or set(modes) - {"warm", "cold"}:
         raise BenchError(f"--mode takes warm, cold or both, not '{args.mode}'")
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick or small_files else 3)
     if rounds < 1:
         raise BenchError("--rounds must be at least 1")
     chosen, skipped = [], {}

@@ -46,6 +46,11 @@ def _short_id(cid: str) -> str:
     return cid if len(cid) <= ID_WIDTH else cid[:ID_WIDTH - 1] + "~"
 
 
+def _named(cid: str, label: str, sep: str = ": ") -> str:
+    """`id: what it calls`, or the id alone where that is the call (module:function)."""
+    return cid if label == cid else f"{cid}{sep}{label}"
+
+
 def ran(results: dict) -> list[str]:
     """The contenders that ran in some case, in the configured order (device-only ones sit out CPU cases)."""
     present = {cid for case in results["cases"] for cid in case["summary"]}
@@ -76,7 +81,7 @@ def format_table(results: dict) -> str:
 
 
 def _legend_lines(contenders: dict) -> list[str]:
-    names = "; ".join(f"{cid} = {c['label']}" + (" (baseline)" if cid == BASELINE else "")
+    names = "; ".join(_named(cid, c["label"], " = ") + (" (baseline)" if cid == BASELINE else "")
                       for cid, c in contenders.items())
     return (_wrap(f"contenders: {names}", "  ", "")
             + _wrap("columns: load s = the call as it returns, ready s = every page of every tensor touched (the "
@@ -148,9 +153,9 @@ def _case_lines(case: dict, manifest: dict, contenders: dict, idw: int) -> list[
             _num(s["load_s"]["median"]), _num(s["ready_s"]["median"]), _gbps(s["gbps"]), ceil_text,
             _num(s["us_per_tensor"]), _num(s["cpu_ready_s"]["median"]), f"{s['rss_growth_bytes']['median'] / 1e6:.0f}"]
             + device + [ratio]))
-        if s["not_cold"] or s["errors"]:
-            lines += _wrap(f"({s['not_cold']} run(s) not cold, {len(s['errors'])} error(s): {'; '.join(s['errors'])})",
-                           " " * (idw + 3))
+        notes = ([f"{s['not_cold']} run(s) not cold"] if s["not_cold"] else []) + [f"error: {e}" for e in s["errors"]]
+        if notes:
+            lines += _wrap(f"({'; '.join(notes)})", " " * (idw + 3))
     return lines + _fastckpt_ratio_lines(case, contenders, ratios, idw)
 
 
@@ -244,7 +249,8 @@ def figure(results: dict):
     drawn = [cid for cid in labels if any(key[1] == cid for key in positions)]
     colour = colours(drawn)
     per_case = max([1] + [sum(1 for x, _ in positions if x == i) for i in range(len(cases))])
-    fig, (ax_time, ax_bw) = plt.subplots(2, 1, figsize=(max(7.5, 1.0 + 0.34 * per_case * len(cases)), 7), sharex=True)
+    wide = min(12.0, max(7.5, 1.0 + 0.34 * per_case * len(cases)))
+    fig, (ax_time, ax_bw) = plt.subplots(2, 1, figsize=(wide, 7), sharex=True)
     for (x, cid), at in positions.items():
         s = cases[x]["summary"][cid]
         ready = s["ready_s"]
@@ -266,7 +272,7 @@ def figure(results: dict):
         ax.grid(axis="y", which="major", color="#dddddd", linewidth=0.6)
         ax.set_axisbelow(True)
     fig.tight_layout()
-    handles = [Patch(facecolor=colour[cid], edgecolor="#333333", linewidth=0.4, label=f"{cid}: {labels[cid]}")
+    handles = [Patch(facecolor=colour[cid], edgecolor="#333333", linewidth=0.4, label=_named(cid, labels[cid]))
                for cid in drawn]
     # Below the x labels, in the figure's own width (a README shows it scaled to about that width).
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, max(1, len(handles))),
