@@ -485,3 +485,14 @@ def test_plot_groups_have_no_empty_slots_and_the_legend_clears_the_labels(tmp_pa
             if label.get_text():
                 assert legend.y1 < label.get_window_extent(renderer).y0
     fig.savefig(tmp_path / "bench.png")
+
+
+def test_an_earlier_run_is_shown_again_from_its_json(tmp_path, capsys):
+    from fastckpt.bench import report
+
+    results = _synthetic_results(devices=("cpu",))
+    report.write_json(results, tmp_path / "results.json")
+    assert report.main([str(tmp_path / "results.json"), str(tmp_path / "again.png")]) == 0
+    assert capsys.readouterr().out.strip() == report.format_table(results)
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.main([]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 import zlib
 
@@ -286,3 +287,20 @@ def plot(results: dict, path: str) -> None:
 
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m fastckpt.bench.report RESULTS_JSON [PNG]`: the table of an earlier run, and its plot redrawn."""
+    if not 1 <= len(argv) <= 2:
+        print("usage: python -m fastckpt.bench.report RESULTS_JSON [PNG]", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        results = json.load(f)
+    print(format_table(results))
+    if len(argv) == 2:
+        plot(results, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
