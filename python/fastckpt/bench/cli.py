@@ -30,12 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark fastckpt.load against torch.load and safetensors: every load in a fresh process, "
                     "warm and cold page cache, checked for correctness; ratios measured side by side.",
         epilog="Checkpoints are generated once and cached (--cache-dir, default $FASTCKPT_BENCH_DIR or "
-               "~/.cache/fastckpt-bench). Progress goes to stderr, the table to stdout.")
+               "~/.cache/fastckpt-bench). Progress goes to stderr, the table to stdout; results.json and bench.png "
+               f"to ./{DEFAULT_OUT}/ (--out).")
     p.add_argument("files", nargs="*", metavar="FILE",
                    help="your own .pt/.bin checkpoints to benchmark (instead of generated ones; .pt contenders only)")
     p.add_argument("--quick", action="store_true",
                    help=f"a small representative run ({QUICK_TIME} on an idle 2-core machine): {', '.join(QUICK)}, "
-                        f"warm, 2 rounds, contenders {CORE_CONTENDERS}")
+                        f"warm, 2 rounds, contenders {CORE_CONTENDERS.replace(',', ', ')}")
     p.add_argument("-c", "--checkpoints", metavar="SPEC,...",
                    help="checkpoints to run, SCENARIO-SIZE[-DTYPE] (e.g. llm-2g,llm-100m-fp16,small-100k,moe-20k,"
                         f"train-1g); default: {','.join(FULL)}")
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"keep only these scenarios ({', '.join(generate.SCENARIOS)}) from the checkpoint list")
     p.add_argument("--contenders", metavar="ID,...",
                    help=f"ids ({', '.join(contenders_mod.CONTENDERS)}), all, safetensors (both), patterns such as "
-                        f"'fastckpt*', or module:function (default: all; --quick and FILE runs: {CORE_CONTENDERS})")
+                        f"'fastckpt*', or module:function (default: all; --quick, and FILE runs without st-load: "
+                        f"{CORE_CONTENDERS.replace(',', ', ')})")
     p.add_argument("--mode", metavar="warm,cold",
                    help=f"page-cache states (default: warm,cold; --quick, and FILEs all under "
                         f"{SMALL_FILE_BYTES >> 20} MiB: warm)")
