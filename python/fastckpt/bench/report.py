@@ -133,9 +133,9 @@ def _case_lines(case: dict, manifest: dict, contenders: dict, idw: int) -> list[
         return "  " + " ".join(f"{cell:<{w}}" if i == 0 or head in ("lazy", "% ceil", "vs torch") else f"{cell:>{w}}"
                                for i, (cell, (head, w)) in enumerate(zip(cells, columns)))
 
-    lines = [f"{case['checkpoint']}  {case['mode']}  {case['device']}  ({d['n_tensors']:,} tensors, "
-             f"{_count(manifest['elements'])} elements, {d['storage_bytes'] / 1e9:.3g} GB)",
-             row([head for head, _ in columns])]
+    lines = _wrap(f"{case['checkpoint']}  {case['mode']}  {case['device']}  ({d['n_tensors']:,} tensors, "
+                  f"{_count(manifest['elements'])} elements, {d['storage_bytes'] / 1e9:.3g} GB)", "  ", "")
+    lines.append(row([head for head, _ in columns]))
     ratios = {(r["a"], r["b"], r["metric"]): r for r in case["ratios"]}
     for cid, s in summaries.items():
         lazy = ["lazy" if s["lazy"] else ""] if with_lazy else []
