@@ -128,3 +128,15 @@ def test_verify_reports_progress_in_batches(tmp_path, monkeypatch):
     assert report.ok and len(done) > 1
     assert sum(done) == sum(r.size for r in report.records)
     assert fastckpt.verify(p).records == report.records
+
+
+def test_report_repr_is_one_summary_line(small_ckpt):
+    report = fastckpt.verify(small_ckpt)
+    text = repr(report)
+    total = sum(r.size for r in report.records)
+    assert "\n" not in text and len(text) < 200
+    assert text == f"<VerifyReport {str(small_ckpt)!r}: ok, 10 records (10 ok), {total:,} bytes>"
+    assert str(report) == text and len(report.records) == 10  # the records are a list away
+    corrupt(small_ckpt, "data/1")
+    assert repr(fastckpt.verify(small_ckpt)).endswith(
+        f": FAILED, 10 records (1 mismatch, 9 ok), {total:,} bytes; failed: data/1>")

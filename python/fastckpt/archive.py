@@ -148,12 +148,23 @@ class RecordStatus:
     alignment: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class VerifyReport:
     path: str
     prefix: str
     records: list[RecordStatus]
     crc32_implementation: str
+
+    def __repr__(self) -> str:
+        """One line: the verdict, counts by status and bytes; the records themselves are `.records`."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        by_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        failed = self.failures
+        named = f"; failed: {', '.join(r.name for r in failed[:3])}{', ...' if len(failed) > 3 else ''}" if failed else ""
+        return (f"<VerifyReport {self.path!r}: {'ok' if self.ok else 'FAILED'}, {len(self.records)} records "
+                f"({by_status or 'none'}), {sum(r.size for r in self.records):,} bytes{named}>")
 
     @property
     def ok(self) -> bool:
