@@ -396,3 +396,40 @@ def test_bf16_without_ml_dtypes(tmp_path):
 
     converted = load_file(tmp_path / "out.safetensors")
     assert all(torch.equal(converted[k], state[k].contiguous()) for k in state)
+
+
+# --------------------------------------------------------------------------- the CLI on malformed inputs
+
+
+def _malformed(tmp_path, case):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(64)}, good)
+    path = tmp_path / "in.pt"
+    if case == "truncated-zip":
+        path.write_bytes(good.read_bytes()[:300])
+    elif case == "random-bytes":
+        path.write_bytes(os.urandom(4096))
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "directory":
+        path = tmp_path / "folder"
+        path.mkdir()
+    elif case == "missing":
+        path = tmp_path / "absent.pt"
+    elif case == "bad-index":
+        path = _index(tmp_path, b'{"weight_map": ')
+    elif case == "index-missing-shard":
+        path = _index(tmp_path, b'{"weight_map": {"w": "absent.bin"}}')
+    return path
+
+
+@pytest.mark.parametrize("case", ["truncated-zip", "random-bytes", "empty", "directory", "missing", "bad-index",
+                                  "index-missing-shard"])
+@pytest.mark.parametrize("command", ["inspect", "verify", "convert"])
+def test_cli_on_malformed_inputs_exits_2_without_traceback(tmp_path, case, command, capsys):
+    path = _malformed(tmp_path, case)
+    args = [command, str(path)] + ([str(tmp_path / "out.safetensors")] if command == "convert" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastckpt {command}: ") and "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()
