@@ -321,10 +321,11 @@ def test_open_and_patch_honour_fastckpt_verify(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- no torch for inspect / verify
 
 
-@pytest.mark.parametrize("command", ["inspect", "verify"])
-def test_inspect_and_verify_do_not_import_torch(tmp_path, command):
+@pytest.mark.parametrize("command", ["inspect", "verify", "convert"])
+def test_cli_imports_only_what_the_answer_needs(tmp_path, command):
     path = tmp_path / "small.pt"
-    torch.save({"w": torch.ones(3), "h": torch.ones(2).bfloat16(), "step": 3}, path)
+    state = {"w": torch.ones(3), "h": torch.ones(2, 3).bfloat16(), "ht": torch.ones(2, 3).bfloat16().t()}
+    torch.save(state if command == "convert" else {**state, "step": 3}, path)
     code = """
         import sys
         from fastckpt.cli import main
@@ -332,9 +333,11 @@ def test_inspect_and_verify_do_not_import_torch(tmp_path, command):
         loaded = sorted(m for m in ("torch", "numpy", "ml_dtypes") if m in sys.modules)
         print("RC", rc, "LOADED", loaded)
     """
-    run = _python(code, command, path)
+    extra = [tmp_path / "out.safetensors"] if command == "convert" else []
+    run = _python(code, command, path, *extra)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines()[-1] == "RC 0 LOADED []"
+    # convert makes strided tensors contiguous with numpy; bf16 elements are moved, never interpreted
+    assert run.stdout.splitlines()[-1] == f"RC 0 LOADED {['numpy'] if command == 'convert' else []}"
 
 
 def test_inspect_imports_torch_to_judge_other_globals(tmp_path):

@@ -48,15 +48,12 @@ def numpy_dtype(dtype: str, key: str):
 
 def element_dtype(dtype: str, key: str):
     """A numpy dtype whose items are `dtype`'s elements bit for bit, for copying and byte-swapping
-    them (never for arithmetic): numpy_dtype's where it is available, else (bfloat16 / float8
-    without ml_dtypes) the unsigned integer of the same size."""
+    them, never for arithmetic: numpy's own where it has one, else (bfloat16, float8) the unsigned
+    integer of the same size, so moving elements never needs (or imports) ml_dtypes."""
     import numpy as np
 
     if dtype in _ML_DTYPES:
-        try:
-            return numpy_dtype(dtype, key)
-        except MissingDtypeError:
-            return np.dtype(f"<u{_ML_DTYPE_BYTES[dtype]}")
+        return np.dtype(f"<u{_ML_DTYPE_BYTES[dtype]}")
     return numpy_dtype(dtype, key)
 
 
