@@ -160,7 +160,7 @@ def _sharded_plan(path: str, ranks: int) -> dict:
     files = []
     for name in shard_names:
         shard = os.path.join(directory, name)
-        if _formats.sniff(shard) is not _formats.Kind.ZIP or shard.endswith(".safetensors"):
+        if _formats.sniff(shard, records=False) is not _formats.Kind.ZIP or shard.endswith(".safetensors"):
             raise errors.FormatError(f"shard {shard} is not a torch.save zip checkpoint")
         archive = open_archive(shard)
         if _formats.is_torchscript(archive):
