@@ -26,6 +26,7 @@ _NUMPY_NAMES = {
     "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
 }
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+_ML_DTYPE_BYTES = {name: 2 if name == "bfloat16" else 1 for name in _ML_DTYPES}
 
 
 def numpy_dtype(dtype: str, key: str):
@@ -55,9 +56,6 @@ def element_dtype(dtype: str, key: str):
     if dtype in _ML_DTYPES:
         return np.dtype(f"<u{_ML_DTYPE_BYTES[dtype]}")
     return numpy_dtype(dtype, key)
-
-
-_ML_DTYPE_BYTES = {name: 2 if name == "bfloat16" else 1 for name in _ML_DTYPES}
 
 
 def _is_ml_dtype(dtype) -> bool:
