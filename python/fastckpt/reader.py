@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastckpt import _descriptors, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
-from fastckpt.archive import byteorder_record, check_storage_crc, check_version, open_archive, read_data_pickle
+from fastckpt._source import Source
+from fastckpt.archive import byteorder_record, check_storage_crc, check_version, read_data_pickle
 from fastckpt.errors import CheckpointError, FormatError
 
 FRAMEWORKS = ("numpy", "pt", "mlx")
@@ -112,11 +113,12 @@ class CheckpointReader:
         self.path = os.fspath(path)
         self.framework = framework
         self._verify = bool(verify)
-        self._archive = open_archive(self.path)
+        self.source = Source(self.path)  # convert reads bytes through its descriptor
+        self._archive = self.source.archive
         if "constants.pkl" in self._archive:
             raise FormatError(f"{self.path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
         check_version(self._archive)
-        self._big_endian = byteorder_record(self._archive) == b"big"
+        self.big_endian = byteorder_record(self._archive) == b"big"
         self._tree = _native.read_tree(read_data_pickle(self._archive), _descriptors, self._archive)
         self._tensors = flatten(self._tree, _is_descriptor)
         self._checked: set[str] = set()  # records whose CRC-32 was verified
@@ -132,6 +134,7 @@ class CheckpointReader:
     def close(self) -> None:
         """Drops the reader's mapping; arrays already returned keep theirs alive."""
         self._archive = self._tree = self._torch_tensors = None
+        self.source.close()
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -146,12 +149,12 @@ class CheckpointReader:
         return self._read(key, None)
 
     def get_slice(self, key: str) -> _Slice:
-        self._descriptor(key)
+        self.descriptor(key)
         return _Slice(self, key)
 
     def info(self, key: str) -> dict:
         """dtype, shape, strides and offset (in elements), storage key and size, bytes of the tensor's elements."""
-        t = self._descriptor(key)
+        t = self.descriptor(key)
         if type(t) is Unsupported:
             return {"kind": t.kind, "dtype": None, "shape": None}
         return {
@@ -166,7 +169,8 @@ class CheckpointReader:
         return None if kept is _DROP else kept
 
     # ---- reading ----------------------------------------------------------------
-    def _descriptor(self, key: str):
+    def descriptor(self, key: str):
+        """The tensor's descriptor (TensorInfo, or Unsupported), as the data pickle declares it."""
         if self._archive is None:
             raise ValueError("the reader is closed")
         try:
@@ -175,7 +179,7 @@ class CheckpointReader:
             raise KeyError(f"no tensor named {key!r} in {self.path}") from None
 
     def _read(self, key: str, index):
-        t = self._descriptor(key)
+        t = self.descriptor(key)
         if self.framework == "pt":
             tensor = self._torch()[key]
             return tensor if index is None else tensor[index]
@@ -191,7 +195,7 @@ class CheckpointReader:
         """A zero-copy read-only numpy view of the tensor's bytes as stored (file byte order, no conj/neg)."""
         import numpy as np
 
-        t = self._descriptor(key)
+        t = self.descriptor(key)
         dtype = numpy_dtype(t.dtype, key)
         record = t.storage.record
         buffer = self._archive.view(record)
@@ -207,7 +211,7 @@ class CheckpointReader:
     def _finish(self, array, t: TensorInfo):
         import numpy as np
 
-        if self._big_endian and array.dtype.itemsize > 1:
+        if self.big_endian and array.dtype.itemsize > 1:
             if not _is_ml_dtype(array.dtype):
                 array = array.view(array.dtype.newbyteorder(">")).astype(array.dtype)
             else:  # ml_dtypes types: swap the bit patterns
