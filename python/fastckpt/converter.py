@@ -23,8 +23,9 @@ import json
 import os
 import re
 
-from fastckpt import _atomic, _native
+from fastckpt import _atomic, _formats, _native
 from fastckpt._descriptors import DTYPES, Unsupported
+from fastckpt._options import resolve_verify
 from fastckpt.archive import check_storage_crc
 from fastckpt.errors import CheckpointError, LimitError
 from fastckpt.reader import CheckpointReader
@@ -36,7 +37,6 @@ CHUNK_BYTES = 64 << 20
 # tiny storage declaring terabytes does not.
 EXPANSION_FACTOR = 4
 EXPANSION_SLACK = 16 << 20
-MAX_INDEX_BYTES = 64 << 20  # an existing output index is read (to remove its shards) under this cap
 _SAFETENSORS_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "complex64": "C64",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
@@ -85,7 +85,7 @@ class _Job:
 
 
 def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, progress=None,
-            allow_expansion: bool = False) -> list[str]:
+            allow_expansion: bool = False, verify=None) -> list[str]:
     """Write the tensors of checkpoint `src` (a file, a sharded index or its folder) to safetensors `dst`.
 
     Keys are fastckpt.open's (state-dict keys, dotted paths for nested
@@ -98,6 +98,7 @@ def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, pr
     ``EXPANSION_FACTOR`` times the source's bytes is refused (LimitError naming
     the tensor) unless `allow_expansion`. A `dst` that is the source (or one of
     its shards) is refused. `progress(nbytes)` is called as bytes are written.
+    ``verify`` (default: FASTCKPT_VERIFY, else True): check each storage's CRC-32.
     Returns the paths written.
     """
     dst = os.fspath(dst)
@@ -106,6 +107,7 @@ def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, pr
     folder = os.path.dirname(dst)
     if folder and not os.path.isdir(folder):
         raise FileNotFoundError(errno.ENOENT, "the destination folder does not exist", folder)
+    check_crc = resolve_verify(verify)
     with open_checkpoint(src) as reader:
         if isinstance(reader, CheckpointReader):
             extra = reader.metadata()
@@ -126,9 +128,9 @@ def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, pr
         shards = _plan(jobs, None if max_shard_size is None else parse_size(max_shard_size))
         if len(shards) == 1:
             _refuse_source(dst, protected)
-            _write_file(dst, shards[0], progress)
+            _write_file(dst, shards[0], progress, check_crc)
             return [dst]
-        return _write_set(dst, shards, progress, protected)
+        return _write_set(dst, shards, progress, protected, check_crc)
 
 
 def _check_expansion(jobs: list[_Job], source_bytes: int) -> None:
@@ -186,20 +188,13 @@ def _shard_pattern(stem: str):
 
 
 def _index_names(index_path: str) -> set[str] | None:
-    """The shard names an existing output index maps to; None when there is none or it cannot be read
-    (then nothing is removed on its account)."""
+    """The shard names an existing output index maps to; None when it cannot be read (then nothing is
+    removed on its account)."""
     try:
-        fd = os.open(index_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        return set(_formats.read_index(index_path).weight_map.values())
     except FileNotFoundError:
         return set()
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            text = f.read(MAX_INDEX_BYTES + 1)
-        weight_map = json.loads(text)["weight_map"] if len(text) <= MAX_INDEX_BYTES else None
-        return set(weight_map.values()) if isinstance(weight_map, dict) else None
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, CheckpointError):
         return None
 
 
@@ -228,7 +223,7 @@ def _remove_leftovers(folder: str, stem: str, index_path: str, protected: set) -
         _remove_shards(folder, [n for n, token in shards if token not in live and n not in current], protected)
 
 
-def _write_set(dst: str, shards: list[list[_Job]], progress, protected: set) -> list[str]:
+def _write_set(dst: str, shards: list[list[_Job]], progress, protected: set, check_crc: bool) -> list[str]:
     folder = os.path.dirname(dst)
     stem = os.path.basename(dst.removesuffix(".safetensors"))
     index_path = os.path.join(folder, stem + ".safetensors.index.json")
@@ -242,7 +237,7 @@ def _write_set(dst: str, shards: list[list[_Job]], progress, protected: set) -> 
             names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}-{claim.token}.safetensors" for i in range(len(shards))]
             for name, shard in zip(names, shards):
                 path = os.path.join(folder, name)
-                _write_file(path, shard, progress)
+                _write_file(path, shard, progress, check_crc)
                 written.append(path)
             index = {
                 "metadata": {"total_size": sum(j.nbytes for shard in shards for j in shard)},
@@ -263,9 +258,10 @@ def _write_set(dst: str, shards: list[list[_Job]], progress, protected: set) -> 
 # --------------------------------------------------------------------------- one safetensors file
 
 
-def _write_file(path: str, jobs: list[_Job], progress) -> None:
+def _write_file(path: str, jobs: list[_Job], progress, check_crc: bool) -> None:
     header = _header(jobs)
-    checked: set[tuple[int, str]] = set()  # (source, record) whose CRC-32 was checked
+    # (source, record) whose CRC-32 was checked, or None when none is to be.
+    checked: set[tuple[int, str]] | None = set() if check_crc else None
     chunk = bytearray(min(CHUNK_BYTES, max((j.nbytes for j in jobs), default=0)) or 1)
 
     def write(fd: int) -> None:
@@ -278,17 +274,18 @@ def _write_file(path: str, jobs: list[_Job], progress) -> None:
     _atomic.write_file(path, True, True, write)
 
 
-def _write_tensor(out, job: _Job, chunk: bytearray, checked: set, progress) -> None:
+def _write_tensor(out, job: _Job, chunk: bytearray, checked: set | None, progress) -> None:
     storage = job.info.storage
     record = (id(job.source), storage.record)
+    to_check = checked is not None and record not in checked
     start = storage.data_offset + job.info.offset * job.itemsize
     whole = job.info.offset == 0 and job.nbytes == storage.nbytes
     if job.contiguous():
         crc = _copy(out, job, start, job.nbytes, chunk, progress)
-        if whole:
+        if to_check and whole:
             _check(job, crc)
             checked.add(record)
-        elif record not in checked:
+        elif to_check:
             _check(job, _copy(None, job, storage.data_offset, storage.nbytes, chunk, None))
             checked.add(record)
         return
@@ -297,7 +294,7 @@ def _write_tensor(out, job: _Job, chunk: bytearray, checked: set, progress) -> N
 
     data = bytearray(storage.nbytes)
     job.source.read_into(data, storage.data_offset)
-    if record not in checked:
+    if to_check:
         _check(job, _native.crc32(data))
         checked.add(record)
     if not job.nbytes:
