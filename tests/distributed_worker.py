@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import fastckpt
 from fastckpt import distributed as fd
+from fastckpt.distributed import reads
 from parity import assert_same
 
 
@@ -106,7 +107,7 @@ def scenario_errors(paths, rank, n):
 
 def scenario_dies(paths, rank, n):
     if rank == 1:
-        fd._read_pieces = lambda *args: os._exit(3)
+        reads.read_pieces = lambda *args: os._exit(3)
     start = time.monotonic()
     error = expect_error(fd.CollectiveError, lambda: fd.load(paths["single"]))
     return [error, time.monotonic() - start]
@@ -125,8 +126,8 @@ def scenario_cuda(paths, rank, n):
 
 def scenario_stalls(paths, rank, n):
     if rank == 1:
-        real = fd._read_pieces
-        fd._read_pieces = lambda *args: (time.sleep(2 * TIMEOUT_STALL_S), real(*args))
+        real = reads.read_pieces
+        reads.read_pieces = lambda *args: (time.sleep(2 * TIMEOUT_STALL_S), real(*args))
     start = time.monotonic()
     error = expect_error(fd.CollectiveError, lambda: fd.load(paths["single"]))
     return [error, time.monotonic() - start]
