@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import time
 import traceback
 
@@ -103,6 +104,32 @@ def scenario_errors(paths, rank, n):
     assert_same(fd.load(paths["unsafe"], weights_only=False), torch.load(paths["unsafe"], weights_only=False))
     assert_same(fd.load(paths["single"]), torch.load(paths["single"]))  # the group still works
     return seen
+
+
+def scenario_replaced(paths, rank, n):
+    """The checkpoint is atomically replaced (same layout, other values, no CRCs recorded) after rank 0
+    indexed it: every rank refuses, none returns a mix of the two versions."""
+    target = os.path.join(os.path.dirname(paths["single"]), f"replaced-{n}.pt")
+    if rank == 0:
+        shutil.copyfile(paths["nocrc_a"], target)
+        real = fd.make_plan
+
+        def plan_then_replace(path, ranks):
+            plan = real(path, ranks)
+            shutil.copyfile(paths["nocrc_b"], target + ".new")
+            os.replace(target + ".new", target)
+            return plan
+
+        fd.make_plan = plan_then_replace
+    dist.barrier()
+    try:
+        error = expect_error(fastckpt.FormatError, lambda: fd.load(target))
+    finally:
+        if rank == 0:
+            fd.make_plan = real
+    assert "not the file rank 0 indexed" in error, error
+    assert_same(fd.load(target), torch.load(paths["nocrc_b"]))  # the new file, whole, once it stays
+    return error
 
 
 def scenario_dies(paths, rank, n):
