@@ -256,3 +256,39 @@ def test_kill_at_random_moments_never_tears_the_output(tmp_path, sharded):
         assert sorted(os.listdir(out)) == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
     else:
         assert os.listdir(out) == ["model.safetensors"]
+
+
+def test_cli_convert_failures_exit_2_without_a_traceback(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(3), "c": torch.ones(2, dtype=torch.complex128)}, good)
+    data = good.read_bytes()
+    cases = {
+        "missing": tmp_path / "missing.pt",
+        "empty": b"",
+        "text": b"hello, not a checkpoint" * 10,
+        "truncated": data[: len(data) // 2],
+        "tail_cut": data[:-5],
+        "complex128": good,
+        "bad_index.index.json": b"{not json",
+        "deep.index.json": b"[" * 100000,
+        "folder": None,
+    }
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    cases["legacy"] = tmp_path / "legacy.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "script.pt")
+    cases["torchscript"] = tmp_path / "script.pt"
+    st_torch.save_file({"w": torch.ones(2)}, tmp_path / "already.safetensors")
+    cases["safetensors"] = tmp_path / "already.safetensors"
+    for name, content in cases.items():
+        if isinstance(content, bytes):
+            src = tmp_path / name
+            src.write_bytes(content)
+        elif content is None:
+            src = tmp_path / name
+            src.mkdir()
+        else:
+            src = content
+        proc = cli("convert", src, tmp_path / "out.safetensors")
+        assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("fastckpt convert:"), (name, proc.stderr)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out.safetensors").exists()
