@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fastckpt import errors  # noqa: E402
-from fastckpt.distributed import collectives, schedule, select  # noqa: E402
+from fastckpt.distributed import collectives, schedule, selection  # noqa: E402
 
 
 def synthetic_file(sizes, gap=64, tail=100) -> dict:
@@ -127,7 +127,7 @@ def test_tensors_visits_shared_and_cyclic_containers_once():
         level = [level, level]
     cyclic: list = [t]
     cyclic.append(cyclic)
-    assert list(select.tensors({"a": level, "b": cyclic})) == [t]
+    assert list(selection.tensors({"a": level, "b": cyclic})) == [t]
 
 
 class _Group:

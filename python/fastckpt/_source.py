@@ -19,7 +19,8 @@ def identity(st: os.stat_result) -> list[int]:
 
 
 class Source:
-    """``path`` opened read-only: ``fd``, ``stat`` (of that descriptor) and ``archive`` (indexed from it)."""
+    """``path`` opened read-only: ``fd``, ``stat`` (of that descriptor) and ``archive`` (indexed from it).
+    The archive is indexed on first use, so a caller can check the file's identity first."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -28,10 +29,17 @@ class Source:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             self.stat = os.fstat(self.fd)
-            self.archive = _native.Archive.open_fd(self.fd, 0, self.path)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
+        self._archive = None
+
+    @property
+    def archive(self) -> _native.Archive:
+        """The archive indexed (strictly) from this descriptor, on first use."""
+        if self._archive is None:
+            self._archive = _native.Archive.open_fd(self.fd, 0, self.path)
+        return self._archive
 
     @property
     def identity(self) -> list[int]:

@@ -9,7 +9,7 @@ How a load runs (every step ends with a collective, so a failure anywhere is rai
    go whole to ranks).
 2. Each rank says which bytes it needs: all of every file, or with ``keys=``/``slices=`` only the
    records (or the byte spans of the slices) of what it asked for, found by unpickling ``data.pkl``
-   over the file's metadata (headers, pickle, small records), which is exchanged first (:mod:`.select`).
+   over the file's metadata (headers, pickle, small records), which is exchanged first (:mod:`.selection`).
 3. Every byte range needed by anyone is read once, with ``pread``, by one rank (:mod:`.schedule`, a
    pure function of the plan and the needs): a record needed by a single rank is read by that rank.
    A rank reads only the file rank 0 indexed, and checks every record it reads against its CRC-32
@@ -27,7 +27,7 @@ import os
 from fastckpt import _native, loader
 from fastckpt._options import resolve_verify
 from fastckpt._policy import resolve_weights_only
-from fastckpt.distributed import reads, schedule, select
+from fastckpt.distributed import reads, schedule, selection
 from fastckpt.distributed.plan import make_plan
 from fastckpt.distributed.collectives import CollectiveError, Comm
 
@@ -68,7 +68,7 @@ def load(f, map_location=None, pickle_module=None, *, group=None, weights_only=N
     pickle_load_args.setdefault("encoding", "utf-8")
     plan = comm.from_root(lambda: make_plan(os.fspath(f), comm.size))
     if plan["kind"] == "fallback":  # legacy or TorchScript: fastckpt.load hands them to torch.load
-        return comm.agree(lambda: select.select(
+        return comm.agree(lambda: selection.select(
             loader.load(f, map_location, pickle_module, weights_only=weights_only, **pickle_load_args), keys, slices))
 
     files = plan["files"]
@@ -81,15 +81,15 @@ def load(f, map_location=None, pickle_module=None, *, group=None, weights_only=N
     if plan["kind"] == "file" and any(comm.all_gather_json(partial)):
         meta = [schedule.metadata_segments(files[0])]
         _fetch(comm, plan, images, [meta] * comm.size, check_crc, opts["threads"])
-        wanted = comm.agree(lambda: [select.wanted_spans(files[0], images[0], keys, slices, opts) if partial
+        wanted = comm.agree(lambda: [selection.wanted_spans(files[0], images[0], keys, slices, opts) if partial
                                      else [[0, files[0]["size"]]]])
     elif plan["kind"] == "sharded":
-        wanted = comm.agree(lambda: select.wanted_shards(plan, keys))
+        wanted = comm.agree(lambda: selection.wanted_shards(plan, keys))
     else:
         wanted = [[[0, file["size"]]] for file in files]
     needs = comm.all_gather_json(wanted)
     _fetch(comm, plan, images, needs, check_crc, opts["threads"])
-    return comm.agree(lambda: select.assemble(plan, images, wanted, map_location, keys, slices, partial, opts))
+    return comm.agree(lambda: selection.assemble(plan, images, wanted, map_location, keys, slices, partial, opts))
 
 
 def _check_args(f, weights_only, pickle_module, keys, slices):
