@@ -1,10 +1,10 @@
 """What a file is, and what a sharded checkpoint's index says: one rule for every surface.
 
-Torch-free and numpy-free: the loader, the torch-free
-reader, the converter, the distributed loader, ``inspect``/``verify`` and the CLI all ask here.
+Torch-free and numpy-free: the loader, the torch-free reader, the converter, the distributed
+loader, ``inspect``/``verify`` and the CLI all ask here.
 
-- :func:`sniff` tells a file's kind from its first bytes (:class:`Kind`); a zip's records tell a
-  TorchScript archive from a ``torch.save`` checkpoint (:func:`is_torchscript`).
+- :func:`sniff` tells a file's kind (:class:`Kind`) from its first bytes and, for a zip, its
+  records (:func:`is_torchscript`: a TorchScript archive or a ``torch.save`` checkpoint).
 - :func:`find_index` finds a sharded checkpoint's ``*.index.json``; :func:`read_index` reads it
   strictly (size-capped before reading, strict UTF-8 and JSON, shard names confined to the index's
   folder) and :func:`check_shard_keys` is the one rule for what a shard must hold.
@@ -39,7 +39,7 @@ _MAX_INDEX_DEPTH = 64
 
 class Kind(enum.Enum):
     ZIP = "zip"  # a zip archive: a torch.save checkpoint unless is_torchscript(its records)
-    TORCHSCRIPT = "torchscript"  # only from kind_of_archive: the first bytes are a zip's
+    TORCHSCRIPT = "torchscript"  # a zip with TorchScript's records (torch.jit.save)
     LEGACY = "legacy"  # torch.save's pickle stream from before torch 1.6 (_use_new_zipfile_serialization=False)
     TAR = "tar"  # torch.save's tar format (torch < 0.4)
     SAFETENSORS = "safetensors"
@@ -98,13 +98,15 @@ def _is_legacy_pickle(head: bytes) -> bool:
     return body.startswith(_LEGACY_MAGIC)
 
 
-def sniff(f, *, records: bool = False) -> Kind:
-    """The kind of the file at path `f` (or of file object `f` from its current position), from its
-    first bytes. A zip is :attr:`Kind.ZIP`, unless `records` (paths only): then its archive is
-    opened (strictly: a damaged zip raises its CheckpointError) and a TorchScript archive is
-    :attr:`Kind.TORCHSCRIPT`. Callers that open the archive anyway use :func:`kind_of_archive`."""
+def sniff(f, *, records: bool = True) -> Kind:
+    """The kind of the file at path `f` (or of file object `f` from its current position).
+
+    A zip at a path is opened (strictly: a damaged zip raises its CheckpointError) to tell
+    :attr:`Kind.TORCHSCRIPT` from :attr:`Kind.ZIP`; with ``records=False``, or for a file object,
+    only the first bytes are read and every zip is :attr:`Kind.ZIP` (callers that open the
+    archive anyway then ask :func:`kind_of_archive`)."""
     kind = kind_of_head(*head_of(f))
-    if kind is Kind.ZIP and records:
+    if kind is Kind.ZIP and records and _is_path(f):
         return kind_of_archive(_native.Archive.open(os.fspath(f)))
     return kind
 

@@ -54,3 +54,26 @@ def globals_in_pickle(data: bytes) -> list[str]:
         found[f"{module}.{qualname}"] = None
         recent.append(None)
     return list(found)
+
+
+_TORCH_REBUILDS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                   "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
+                   "_rebuild_nested_tensor", "_rebuild_meta_tensor_no_storage")
+_LEGACY_STORAGES = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
+                    "ComplexDouble", "ComplexFloat", "QUInt8", "QInt8", "QInt32", "QUInt4x2", "QUInt2x4")
+_DTYPES = ("float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32", "int64", "int32",
+           "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool", "float8_e4m3fn", "float8_e5m2",
+           "float8_e4m3fnuz", "float8_e5m2fnuz", "qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+# Globals in torch's default weights_only allowlist (torch._weights_only_unpickler._get_allowed_globals)
+# in every torch fastckpt supports; tests/test_formats.py checks each against the installed torch.
+# `inspect` marks these allowed without importing torch, which it imports only for other globals.
+WEIGHTS_ONLY_DEFAULTS = frozenset((
+    "collections.OrderedDict", "collections.Counter", "_codecs.encode", "builtins.bytearray", "builtins.set",
+    "builtins.complex", "torch.Size", "torch.device", "torch.Tensor", "torch.nn.parameter.Parameter",
+    "torch.serialization._get_layout", "torch.storage.UntypedStorage", "torch._tensor._rebuild_from_type_v2",
+    "torch.per_tensor_affine", "torch.per_tensor_symmetric", "torch.per_channel_affine",
+    "torch.per_channel_symmetric", "torch.per_channel_affine_float_qparams",
+    *(f"torch._utils.{name}" for name in _TORCH_REBUILDS),
+    *(f"torch.{kind}Storage" for kind in _LEGACY_STORAGES),
+    *(f"torch.{dtype}" for dtype in _DTYPES),
+))

@@ -7,7 +7,7 @@ import os
 from fastckpt import _formats
 from fastckpt._descriptors import Placeholder, TensorInfo, Unsupported
 from fastckpt._formats import Kind
-from fastckpt._pickles import globals_in_pickle
+from fastckpt._pickles import WEIGHTS_ONLY_DEFAULTS, globals_in_pickle
 from fastckpt._tree import flatten, is_descriptor, tree_of
 from fastckpt.archive import open_archive, read_record
 from fastckpt.errors import CheckpointError, FormatError
@@ -116,13 +116,19 @@ def read_tree(path, placeholders: bool = True):
 
 
 def _allowlist_marks(pickle_globals: list[str]) -> dict[str, bool]:
-    """{global: allowed by torch's weights_only}; empty without torch."""
-    try:
-        from torch import _weights_only_unpickler as wo
-    except ImportError:
-        return {}
-    allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
-    return {g: g in allowed for g in pickle_globals}
+    """{global: allowed by torch's weights_only}, leaving out globals that cannot be judged without
+    torch when it is not installed. torch is imported only for a global outside its default
+    allowlist's stable part (the answer then depends on torch's version and safe globals)."""
+    marks = {g: True for g in pickle_globals if g in WEIGHTS_ONLY_DEFAULTS}
+    others = [g for g in pickle_globals if g not in marks]
+    if others:
+        try:
+            from torch import _weights_only_unpickler as wo
+        except ImportError:
+            return marks
+        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+        marks.update((g, g in allowed) for g in others)
+    return marks
 
 
 def inspect_report(path, max_items: int = 200) -> dict:

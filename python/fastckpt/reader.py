@@ -27,6 +27,7 @@ _NUMPY_NAMES = {
     "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
 }
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+_ML_DTYPE_BYTES = {name: 2 if name == "bfloat16" else 1 for name in _ML_DTYPES}
 
 
 def numpy_dtype(dtype: str, key: str):
@@ -49,19 +50,13 @@ def numpy_dtype(dtype: str, key: str):
 
 def element_dtype(dtype: str, key: str):
     """A numpy dtype whose items are `dtype`'s elements bit for bit, for copying and byte-swapping
-    them (never for arithmetic): numpy_dtype's where it is available, else (bfloat16 / float8
-    without ml_dtypes) the unsigned integer of the same size."""
+    them, never for arithmetic: numpy's own where it has one, else (bfloat16, float8) the unsigned
+    integer of the same size, so moving elements never needs (or imports) ml_dtypes."""
     import numpy as np
 
     if dtype in _ML_DTYPES:
-        try:
-            return numpy_dtype(dtype, key)
-        except MissingDtypeError:
-            return np.dtype(f"<u{_ML_DTYPE_BYTES[dtype]}")
+        return np.dtype(f"<u{_ML_DTYPE_BYTES[dtype]}")
     return numpy_dtype(dtype, key)
-
-
-_ML_DTYPE_BYTES = {name: 2 if name == "bfloat16" else 1 for name in _ML_DTYPES}
 
 
 def _is_ml_dtype(dtype) -> bool:
