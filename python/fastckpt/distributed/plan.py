@@ -44,7 +44,7 @@ def _sharded_plan(index_path, ranks: int) -> dict:
     files = []
     for name in shard_names:
         shard = str(index.shard_path(name))
-        if shard.endswith(".safetensors") or _formats.sniff(shard) is not _formats.Kind.ZIP:
+        if shard.endswith(".safetensors") or _formats.sniff(shard, records=False) is not _formats.Kind.ZIP:
             raise errors.FormatError(f"shard {shard} is not a torch.save zip checkpoint")
         with Source(shard) as source:
             if _formats.is_torchscript(source.archive):
