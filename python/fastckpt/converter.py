@@ -262,7 +262,8 @@ def _write_file(path: str, jobs: list[_Job], progress, check_crc: bool) -> None:
     header = _header(jobs)
     # (source, record) whose CRC-32 was checked, or None when none is to be.
     checked: set[tuple[int, str]] | None = set() if check_crc else None
-    chunk = bytearray(min(CHUNK_BYTES, max((j.nbytes for j in jobs), default=0)) or 1)
+    # At least 16 bytes: a chunk holds whole swap units (8 at most).
+    chunk = bytearray(max(min(CHUNK_BYTES, max((j.nbytes for j in jobs), default=0)), 16))
 
     def write(fd: int) -> None:
         with open(fd, "wb", closefd=False) as out:
@@ -335,7 +336,7 @@ def _copy(out, job: _Job, offset: int, nbytes: int, chunk: bytearray, progress) 
     """Copies [offset, +nbytes) of the job's source to `out` (or only reads it with out=None), swapped to
     little-endian; returns the CRC-32 of the bytes as stored."""
     view = memoryview(chunk)
-    step = len(view) - len(view) % max(job.swap, 1) or len(view)
+    step = len(view) - len(view) % job.swap
     crc = 0
     done = 0
     while done < nbytes:
