@@ -51,7 +51,7 @@ class Temporary:
                 raise FileNotFoundError(errno.ENOENT, "the destination folder does not exist", directory) from None
             raise
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(self.fd)
             if mode is not None:
                 os.fchmod(self.fd, stat.S_IMODE(mode))  # the replaced file's permissions, as an in-place write keeps
         except BaseException:
@@ -86,6 +86,16 @@ class Temporary:
 
     def __exit__(self, *exc):
         self.discard()
+
+
+def _lock(fd: int) -> None:
+    """Marks the temporary as its writer's while the writer lives (released by the kernel when it dies)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        # A file system without locks still gets its temporaries; the process id alone then decides.
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
 def sync_folder(directory: str) -> None:
@@ -148,8 +158,10 @@ def _stale(directory: str, name: str, m) -> bool:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             return False  # locked: a live writer
+        except OSError:
+            pass  # no locks on this file system: the process id decides
         return True
     finally:
         os.close(fd)
