@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -167,3 +168,31 @@ def test_read_only_target_refused_as_torch_save_refuses():
     assert outcome["torch_kept"]
     assert outcome["fastckpt_kept"] and outcome["fastckpt_files"] == []
 
+
+
+def test_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    torch = pytest.importorskip("torch")
+    import fastckpt
+
+    p = tmp_path / "ckpt.pt"
+    big = {"w": torch.zeros(48 << 20, dtype=torch.uint8)}
+    fastckpt.save({"w": torch.ones(2)}, p)
+    for _ in range(5):  # killed while its temporary exists (it may rarely be renamed in between: again)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    fastckpt.save(big, p)
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 30
+        while not temporaries(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if temporaries(tmp_path):
+            break
+    assert temporaries(tmp_path)
+    fastckpt.save({"w": torch.ones(3)}, p)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert torch.load(p)["w"].shape == (3,)
