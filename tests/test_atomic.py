@@ -131,6 +131,8 @@ def test_read_only_target_refused_as_torch_save_refuses():
 
     folder = tempfile.mkdtemp()
     os.chmod(folder, 0o777)
+    locked = tempfile.mkdtemp()  # a folder the user may read but not write in
+    os.chmod(locked, 0o755)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -150,6 +152,12 @@ def test_read_only_target_refused_as_torch_save_refuses():
                     outcome[name] = [isinstance(e, RuntimeError), isinstance(e, PermissionError), str(e)]
                 outcome[name + "_kept"] = torch.load(p)["w"].shape == (2,)
                 outcome[name + "_files"] = sorted(n for n in os.listdir(folder) if n.startswith(f".{name}"))
+            for name, save in (("torch_dir", torch.save), ("fastckpt_dir", fastckpt.save)):
+                try:
+                    save({"w": torch.ones(2)}, os.path.join(locked, "new.pt"))
+                    outcome[name] = "written"
+                except Exception as e:  # noqa: BLE001 - reported to the parent
+                    outcome[name] = [isinstance(e, RuntimeError), isinstance(e, PermissionError), str(e)]
             os.write(w, json.dumps(outcome).encode())
         except BaseException:  # noqa: BLE001 - reported to the parent
             os.write(w, json.dumps({"child": traceback.format_exc()}).encode())
@@ -160,6 +168,7 @@ def test_read_only_target_refused_as_torch_save_refuses():
     os.close(r)
     os.waitpid(pid, 0)
     shutil.rmtree(folder)
+    shutil.rmtree(locked)
     assert "child" not in outcome, outcome.get("child")
     # torch's C++ writer: a RuntimeError saying "Permission denied"; fastckpt's is also a PermissionError.
     assert outcome["torch"][0] and "Permission denied" in outcome["torch"][2]
@@ -167,6 +176,8 @@ def test_read_only_target_refused_as_torch_save_refuses():
     assert outcome["fastckpt"][2].endswith("fastckpt.pt'")
     assert outcome["torch_kept"]
     assert outcome["fastckpt_kept"] and outcome["fastckpt_files"] == []
+    assert outcome["torch_dir"][0] and "Permission denied" in outcome["torch_dir"][2]
+    assert outcome["fastckpt_dir"][:2] == [True, True] and outcome["fastckpt_dir"][2].endswith("new.pt'")
 
 
 

@@ -50,6 +50,8 @@ class Temporary:
             if directory and not os.path.isdir(directory):
                 raise FileNotFoundError(errno.ENOENT, "the destination folder does not exist", directory) from None
             raise
+        except PermissionError as e:  # a folder we may not write in: named as open(target, "wb") names it
+            raise NotWritable(e.errno, e.strerror, target) from None
         try:
             _lock(self.fd)
             if mode is not None:
