@@ -24,7 +24,7 @@ import stat
 from fastckpt import _native
 
 _MARK = ".fastckpt-"
-_TEMP = re.compile(r"\.(?P<target>.+)\.fastckpt-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{12})\.tmp")
+_TEMP = re.compile(r"\.(?P<target>.+)\.fastckpt-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{12})\.tmp", re.DOTALL)
 
 
 def _host_tag() -> str:
