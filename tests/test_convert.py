@@ -10,6 +10,7 @@ pytest.importorskip("ml_dtypes")
 st_torch = pytest.importorskip("safetensors.torch")
 
 import fastckpt  # noqa: E402
+from fastckpt import converter  # noqa: E402
 from test_reader import DTYPES, sample, save_sharded, write_big_endian  # noqa: E402
 from torchfree import run_without_torch  # noqa: E402
 
@@ -73,8 +74,12 @@ def test_sharded_output_and_sharded_input(tmp_path):
     assert sorted(merged) == sorted(state) and all(torch.equal(merged[k], state[k]) for k in state)
 
 
-def test_big_endian_source(tmp_path):
-    state = {"f": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3).t()}
+@pytest.mark.parametrize("chunk", [None, 6], ids=["chunk", "tiny-chunks"])
+def test_big_endian_source(tmp_path, monkeypatch, chunk):
+    if chunk:
+        monkeypatch.setattr(converter, "CHUNK_BYTES", chunk)
+    state = {"f": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),
+             "c": torch.randn(4, dtype=torch.complex64), "ct": torch.randn(2, 3, dtype=torch.complex64).t()}
     torch.save(state, tmp_path / "le.pt")
     write_big_endian(tmp_path / "le.pt", tmp_path / "be.pt")
     fastckpt.convert(tmp_path / "be.pt", tmp_path / "be.safetensors")

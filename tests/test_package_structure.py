@@ -127,13 +127,8 @@ def test_the_checker_finds_cycles_and_private_uses():
     assert sorted(private) == [("fastckpt.loader._load_archive", 3), ("fastckpt.reader._x", 2)]
 
 
-# Modules still reading a sharded index themselves, to move onto _formats.read_index (then drop them
-# from here): distributed.py's _sharded_plan / _index_file.
-INDEX_READERS_TO_MOVE = ["distributed.py"]
-
-
 def test_one_torchscript_test_and_one_index_reader():
     sources = {p.name: p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
     assert [n for n, s in sources.items() if "constants.pkl" in s] == ["_formats.py"]
     readers = sorted(n for n, s in sources.items() if "json.load" in s and "weight_map" in s)
-    assert readers == sorted(["_formats.py", *INDEX_READERS_TO_MOVE])
+    assert readers == ["_formats.py"]

@@ -130,7 +130,8 @@ def _convert(args) -> int:
     total = sum(os.path.getsize(f) for f in _files(args.src, "convert"))
     with _progress(total, f"convert {os.path.basename(os.fspath(args.src))}") as progress:
         written = convert(args.src, args.dst, max_shard_size=args.max_shard_size,
-                          drop_non_tensors=args.drop_non_tensors, progress=progress)
+                          drop_non_tensors=args.drop_non_tensors, progress=progress,
+                          allow_expansion=args.allow_expansion)
     for path in written:
         print(path)
     return EXIT_OK
@@ -163,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="the .safetensors file (or folder) to write")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB: write shards and model.safetensors.index.json")
     p.add_argument("--drop-non-tensors", action="store_true", help="leave out epoch, config... instead of refusing")
+    p.add_argument("--allow-expansion", action="store_true",
+                   help="write expanded (stride-0) views even where the output is over 4x the checkpoint")
     sub.add_parser("bench", help="benchmark fastckpt against torch.load and safetensors (see `fastckpt bench -h`)",
                    add_help=False)
     return parser

@@ -15,8 +15,9 @@ import os
 from fastckpt import _formats, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
 from fastckpt._options import resolve_verify
+from fastckpt._source import Source
 from fastckpt._tree import flatten, is_descriptor, tree_of
-from fastckpt.archive import byteorder_record, check_storage_crc, open_archive
+from fastckpt.archive import byteorder_record, check_storage_crc
 from fastckpt.errors import CheckpointError, FormatError, MissingDtypeError
 
 FRAMEWORKS = ("numpy", "pt", "mlx")
@@ -103,7 +104,8 @@ class CheckpointReader:
         self.path = os.fspath(path)
         self.framework = framework
         self._verify = resolve_verify(verify, mapped=True)
-        self.archive = open_archive(self.path)
+        self.source = Source(self.path)  # convert reads bytes through its descriptor
+        self.archive = self.source.archive
         if _formats.is_torchscript(self.archive):
             raise FormatError(f"{self.path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
         self.tree = tree_of(self.archive, placeholders=False)
@@ -122,6 +124,7 @@ class CheckpointReader:
     def close(self) -> None:
         """Drops the reader's mapping; arrays already returned keep theirs alive."""
         self.archive = self.tree = self._torch_tensors = None
+        self.source.close()
 
     def keys(self) -> list[str]:
         return list(self._tensors)
