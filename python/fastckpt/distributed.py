@@ -28,7 +28,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from fastckpt import _native, errors, loader
+from fastckpt import _graph, _native, errors, loader
 from fastckpt._policy import resolve_weights_only
 from fastckpt.archive import open_archive
 
@@ -413,15 +413,7 @@ def _wanted_spans(file: dict, image, keys, slices, opts) -> list:
 
 
 def _tensors(value):
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+    return _graph.distinct_leaves(value, lambda v: isinstance(v, torch.Tensor))
 
 
 def _wanted_shards(plan: dict, keys) -> list:

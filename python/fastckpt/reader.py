@@ -15,8 +15,9 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from fastckpt import _descriptors, _native
+from fastckpt import _descriptors, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
+from fastckpt._graph import flatten  # noqa: F401  (fastckpt.open's naming rule; re-exported)
 from fastckpt.archive import byteorder_record, check_storage_crc, check_version, open_archive, read_data_pickle
 from fastckpt.errors import CheckpointError, FormatError
 
@@ -46,45 +47,8 @@ def _is_ml_dtype(dtype) -> bool:
     return dtype.num >= 256  # numpy numbers user-defined types (ml_dtypes') from 256 on
 
 
-def flatten(tree, is_tensor) -> dict:
-    """{dotted path: tensor} in tree order: dict keys as str, list/tuple indices as numbers."""
-    out: dict = {}
-    stack = [("", tree)]
-    while stack:
-        path, obj = stack.pop()
-        if is_tensor(obj):
-            if path in out and out[path] is not obj:
-                raise CheckpointError(f"two tensors are both named '{path}' (keys with dots in them?)")
-            out[path] = obj
-            continue
-        if isinstance(obj, dict):
-            items = [(str(k), v) for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple)):
-            items = [(str(i), v) for i, v in enumerate(obj)]
-        else:
-            continue
-        stack.extend((f"{path}.{k}" if path else k, v) for k, v in reversed(items))
-    return out
-
-
 def _is_descriptor(obj) -> bool:
     return type(obj) is TensorInfo or type(obj) is Unsupported
-
-
-def _without_tensors(obj):
-    """The tree with tensors left out, and containers that held only tensors; _DROP when nothing is left."""
-    if _is_descriptor(obj):
-        return _DROP
-    if isinstance(obj, dict):
-        kept = {k: v for k, v in ((k, _without_tensors(v)) for k, v in obj.items()) if v is not _DROP}
-        return _DROP if obj and not kept else kept
-    if isinstance(obj, (list, tuple)):
-        kept = [v for v in map(_without_tensors, obj) if v is not _DROP]
-        return _DROP if obj and not kept else (tuple(kept) if isinstance(obj, tuple) else kept)
-    return obj
-
-
-_DROP = object()
 
 
 class _Slice:
@@ -162,8 +126,8 @@ class CheckpointReader:
 
     def metadata(self):
         """The non-tensor values of the tree (epoch, config, optimizer param_groups...); None when there are none."""
-        kept = _without_tensors(self._tree)
-        return None if kept is _DROP else kept
+        kept = _graph.without_leaves(self._tree, _is_descriptor)
+        return None if kept is _graph.DROPPED else kept
 
     # ---- reading ----------------------------------------------------------------
     def _descriptor(self, key: str):
