@@ -80,6 +80,9 @@ def _archive_or_value_error(f):
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors refuses longer headers (N_MAX_HEADER_SIZE); never read more
+
+
 def identify(path) -> tuple[str, str]:
     """(kind, what to say about it) for any path: "checkpoint", "sharded", "torchscript", "legacy", "tar",
     "safetensors", "truncated" or "unknown". Only reads headers; raises OSError for a missing file."""
@@ -111,13 +114,17 @@ def identify(path) -> tuple[str, str]:
         return "legacy", (f"{path}: a legacy (non-zip, before torch 1.6) torch.save file; fastckpt.load hands it to "
                           "torch.load, but it has no records or CRC-32s to inspect or verify: re-save it with "
                           "torch.save to get a zip checkpoint")
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+    header_size = int.from_bytes(head[:8], "little")
+    if len(head) >= 9 and head[8:9] == b"{" and header_size > SAFETENSORS_MAX_HEADER:
+        return "unknown", (f"{path}: not a torch checkpoint (a safetensors look-alike whose header claims "
+                           f"{header_size:,d} bytes, over safetensors' {SAFETENSORS_MAX_HEADER:,d}-byte cap)")
+    if len(head) >= 9 and head[8:9] == b"{" and header_size <= size - 8:
         with open(path, "rb") as f:
             f.seek(8)
             try:
-                header = json.loads(f.read(int.from_bytes(head[:8], "little")))
-                count = len([k for k in header if k != "__metadata__"])
-            except ValueError:
+                header = json.loads(f.read(header_size))
+                count = len([k for k in header if k != "__metadata__"]) if isinstance(header, dict) else None
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
                 count = None
         if count is not None:
             return "safetensors", (f"{path}: a safetensors file ({count} tensors), not a torch checkpoint; "

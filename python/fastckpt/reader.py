@@ -19,7 +19,7 @@ from fastckpt import _descriptors, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
 from fastckpt._graph import flatten  # noqa: F401  (fastckpt.open's naming rule; re-exported)
 from fastckpt.archive import byteorder_record, check_storage_crc, check_version, open_archive, read_data_pickle
-from fastckpt.errors import CheckpointError, FormatError
+from fastckpt.errors import CheckpointError, FormatError, MetadataError
 
 FRAMEWORKS = ("numpy", "pt", "mlx")
 _NUMPY_NAMES = {
@@ -27,6 +27,7 @@ _NUMPY_NAMES = {
     "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
     "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
 }
+_WHOLE = object()  # get_tensor's index: the whole tensor (None is numpy's newaxis)
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 
 
@@ -63,7 +64,7 @@ class _Slice:
     def get_dtype(self) -> str:
         return self._reader.info(self._key)["dtype"]
 
-    def __getitem__(self, index):
+    def __getitem__(self, index):  # numpy's indexing: None (newaxis), Ellipsis, negative steps...
         return self._reader._read(self._key, index)
 
 
@@ -107,7 +108,7 @@ class CheckpointReader:
         return len(self._tensors)
 
     def get_tensor(self, key: str):
-        return self._read(key, None)
+        return self._read(key, _WHOLE)
 
     def get_slice(self, key: str) -> _Slice:
         self._descriptor(key)
@@ -142,11 +143,11 @@ class CheckpointReader:
         t = self._descriptor(key)
         if self.framework == "pt":
             tensor = self._torch()[key]
-            return tensor if index is None else tensor[index]
+            return tensor if index is _WHOLE else tensor[index]
         if type(t) is Unsupported:
             raise TypeError(f"tensor '{key}' is a {t.kind} tensor, which numpy cannot hold; open with framework=\"pt\"")
         array = self.raw_array(key)
-        if index is not None:
+        if index is not _WHOLE:
             array = array[index]
         array = self._finish(array, t)
         return array if self.framework == "numpy" else _to_mlx(array, key)
@@ -161,10 +162,16 @@ class CheckpointReader:
         buffer = self._archive.view(record)
         if self._verify and record not in self._checked:
             self._check_crc(key, t.storage, buffer)
-        if 0 in t.shape:
-            return np.empty(t.shape, dtype)
         item = dtype.itemsize
-        array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=[s * item for s in t.strides])
+        try:
+            if 0 in t.shape:
+                return np.empty(t.shape, dtype)
+            # a dimension of size 1 never steps: its stride (any value torch accepts) is not numpy's business
+            strides = [0 if n == 1 else s * item for n, s in zip(t.shape, t.strides)]
+            array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=strides)
+        except (ValueError, OverflowError) as e:  # sizes torch accepts but numpy cannot index (> 2^63 bytes)
+            raise MetadataError(f"tensor '{key}' of shape {tuple(t.shape)} and strides {tuple(t.strides)} cannot be "
+                                f"a numpy array ({e}); open with framework=\"pt\"") from None
         array.flags.writeable = False
         return array
 

@@ -872,6 +872,27 @@ def child_main(args):
 # --------------------------------------------------------------------------- the driver (parent side)
 
 
+def read_lines(proc, deadline):
+    """The child's stdout lines (text, no newline) as they arrive; ends at EOF, or kills the child
+    when no byte came before `deadline()`. Reads the descriptor itself (os.read), so no line can
+    wait in a Python buffer where select() does not see it."""
+    fd, pending = proc.stdout.fileno(), b""
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            yield line.decode("utf-8", "replace")
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline() - time.time()))
+        if not ready:  # silent too long: a hang
+            proc.kill()
+            proc.wait()
+            return
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            proc.wait()
+            return
+        pending += chunk
+
+
 def run_fuzz(seed: int, iters: int, *, start=0, work: pathlib.Path | None = None, keep_going=False, strict=False,
              timeout_s=20.0, target=None, verbose=False, mem_gb=4, log=None) -> dict:
     """Run iterations [start, start+iters) in child processes. Returns findings and counts.
@@ -891,20 +912,11 @@ def run_fuzz(seed: int, iters: int, *, start=0, work: pathlib.Path | None = None
         cmd += ["--strict"] * strict + (["--target", target] if target else []) + ["-v"] * verbose
         errf = open(work / f"child-stderr-{i}.txt", "w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, env=env)
         last_i, last_phase, finished = i, "start", False
         deadline = time.time() + timeout_s + 60  # the first input waits for imports and seeds
-        while True:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.time()))
-            if not ready:  # silent too long: a hang
-                proc.kill()
-                proc.wait()
-                break
-            line = proc.stdout.readline()
-            if not line:
-                proc.wait()
-                break
-            tag, _, rest = line.rstrip("\n").partition(" ")
+        for line in read_lines(proc, lambda: deadline):
+            tag, _, rest = line.partition(" ")
             if tag == "P":
                 n, _, ph = rest.partition(" ")
                 last_i, last_phase = int(n), ph
