@@ -123,6 +123,7 @@ def test_lowering_keeps_meaning(seeds):
 # --------------------------------------------------------------------------- the harness catches what it must
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("target, kind", [
     ("broken_loaders:segfaults", "crash"),
     ("broken_loaders:hangs", "hang"),
@@ -269,6 +270,7 @@ def _still_open(r: Regression, tmp_path) -> bool:
 # --------------------------------------------------------------------------- the bounded fuzz run
 
 
+@pytest.mark.timeout(1800)
 def test_fuzz_load(tmp_path):
     """ITERS mutated inputs: no crash or hang, refusals are CheckpointErrors, loads equal torch's.
 
@@ -286,3 +288,111 @@ def test_fuzz_load(tmp_path):
         f"- {f['kind']} {f['exc']}: {f['msg'][:300]}\n  replay: python tests/fuzz/pyfuzz.py --seed {f['seed']} "
         f"--start {f['i']} --iters 1 -v   (input: {f['file']}; mutations: {f.get('log')})" for f in new)
     assert not new, f"{len(new)} finding(s):\n{report}"
+
+
+# --------------------------------------------------------------------------- the other surfaces (tests/fuzz/surfaces.py)
+
+SURFACE_ITERS = int(os.environ.get("FASTCKPT_FUZZ_SURFACE_ITERS", "200"))
+
+
+def _sharded_folder(tmp_path, index: bytes, state=None) -> pathlib.Path:
+    folder = tmp_path / f"sharded-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    torch.save(state or {"w": torch.ones(2), "b": torch.zeros(1)}, folder / "model-00001-of-00001.pt")
+    (folder / "model.index.json").write_bytes(index)
+    return folder
+
+
+def _raises_other_than_checkpoint_error(fn) -> bool:
+    try:
+        fn()
+    except fastckpt.CheckpointError:
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def _index_json_errors_leak(tmp_path) -> bool:
+    return _raises_other_than_checkpoint_error(lambda: fastckpt.open(_sharded_folder(tmp_path, b'{"weight_map": {')))
+
+
+def _index_names_a_folder(tmp_path) -> bool:
+    folder = _sharded_folder(tmp_path, b'{"weight_map": {"w": "", "b": "model-00001-of-00001.pt"}}')
+    return _raises_other_than_checkpoint_error(lambda: fastckpt.open(folder).get_tensor("w"))
+
+
+def _sharded_readers_disagree(tmp_path) -> bool:
+    folder = _sharded_folder(tmp_path, b'{"weight_map": {"w": "model-00001-of-00001.pt"}}')  # the shard also holds b
+    try:
+        return sorted(fastckpt.open(folder).keys()) != sorted(fastckpt.load_sharded(folder))
+    except fastckpt.CheckpointError:
+        return False
+
+
+def _cli_on_an_empty_index_raises(tmp_path) -> bool:
+    from fastckpt.cli import main
+
+    folder = _sharded_folder(tmp_path, b'{"weight_map": {}}')
+    return _raises_other_than_checkpoint_error(lambda: main(["inspect", "--json", str(folder)]))
+
+
+@dataclasses.dataclass
+class OpenBug:
+    """A known finding owned elsewhere: tolerated in the fuzz run only while `still_open` reproduces it."""
+
+    owner: str
+    sig: str  # regex over finding signatures ("phase: kind|exception|message")
+    still_open: object
+
+
+SURFACE_BUGS = [  # issue 23 class 2 (one reader of the index, one rule): helper "decide"
+    OpenBug("index JSON errors are not FormatErrors", r"^index: .*\|(JSONDecodeError|UnicodeDecodeError|RecursionError)\|",
+            _index_json_errors_leak),
+    OpenBug("an index naming '' or '.' or a NUL path opens the folder", r"^index: .*\|IsADirectoryError\|",
+            _index_names_a_folder),
+    OpenBug("open and load_sharded read a folder differently", r"^index: sharded readers disagree\|",
+            _sharded_readers_disagree),
+    OpenBug("the CLI on an index with no shards raises IndexError", r"^index: CLI \w+ raised .*\|IndexError\|",
+            _cli_on_an_empty_index_raises),
+]
+
+
+@pytest.mark.timeout(1200)
+def test_fuzz_surfaces(tmp_path):
+    """SURFACE_ITERS mutated inputs through fastckpt.open/get_slice/metadata, convert, the CLI and a sharded
+    folder with a mutated index: no crash, hang, traceback or foreign exception, and consistent answers."""
+    tolerated = [re.compile(b.sig) for b in SURFACE_BUGS if b.still_open(tmp_path)]
+    res = pyfuzz.run_fuzz(SEED, SURFACE_ITERS, work=tmp_path / "work", keep_going=True, surfaces=True)
+    new = [f for f in res["findings"] if not any(p.search(f["sig"]) for p in tolerated)]
+    print(f"surfaces fuzz: {res['iters']} inputs in {res['secs']} s, {len(res['findings']) - len(new)} known-bug "
+          f"findings tolerated ({len(tolerated)} open bugs); outcomes {res['outcomes']}")
+    assert res["iters"] == SURFACE_ITERS, res
+    report = "\n".join(
+        f"- {f['kind']} {f['exc']}: {f['msg'][:300]}\n  replay: python tests/fuzz/pyfuzz.py --surfaces --seed {f['seed']} "
+        f"--start {f['i']} --iters 1 -v   (input: {f['file']}; {f.get('where', '')[-300:]})" for f in new)
+    assert not new, f"{len(new)} finding(s):\n{report}"
+    assert res["outcomes"].get("surfaces ok", 0) >= SURFACE_ITERS // 4, res["outcomes"]  # the inputs reach the reads
+
+
+@pytest.mark.timeout(600)
+def test_cli_entry_point_on_fuzzed_inputs(tmp_path):
+    """The real `python -m fastckpt` on a few fuzzed inputs: exit 0/1/2, never a traceback, under a memory cap."""
+    import subprocess
+
+    seeds = pyfuzz.make_seeds()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+            "sys.argv = ['fastckpt'] + sys.argv[1:]; runpy.run_module('fastckpt', run_name='__main__')")
+    seen = set()
+    for i in range(6):
+        data, _ = pyfuzz.make_input(seeds, SEED, i)
+        path = tmp_path / f"in{i}.pt"
+        path.write_bytes(data)
+        for argv in (["inspect", str(path)], ["verify", str(path)],
+                     ["convert", "--drop-non-tensors", str(path), str(tmp_path / f"out{i}.safetensors")]):
+            r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, env=env)
+            assert r.returncode in (0, 1, 2) and "Traceback" not in r.stderr, (argv, r.returncode, r.stderr[-2000:])
+            assert r.returncode == 0 or r.stderr.strip(), argv
+            seen.add(r.returncode)
+    assert 2 in seen  # the mutations do reach refusals
