@@ -93,7 +93,7 @@ def test_non_tensors_refused_unless_dropped(tmp_path):
 def test_corrupt_record_fails_and_leaves_no_output(tmp_path):
     torch.save({"a": torch.zeros(64), "b": torch.ones(64)}, tmp_path / "c.pt")
     with fastckpt.open(tmp_path / "c.pt") as f:
-        offset = f._descriptor("b").storage.data_offset
+        offset = f.descriptor("b").storage.data_offset
     data = bytearray((tmp_path / "c.pt").read_bytes())
     data[offset + 3] ^= 1
     (tmp_path / "c.pt").write_bytes(data)

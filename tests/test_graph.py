@@ -46,7 +46,7 @@ def is_leaf(x):
     return type(x) is Leaf
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 def test_shared_lists_are_walked_once():
     leaf = Leaf()
     tree = paths_2_to_the(40, leaf)
@@ -58,7 +58,7 @@ def test_shared_lists_are_walked_once():
     assert _graph.without_leaves(tree, is_leaf) is _graph.DROPPED
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 def test_a_list_holding_itself():
     leaf = Leaf()
     a = [leaf, 1]
@@ -75,7 +75,7 @@ def test_a_list_holding_itself():
     assert copy == {"self": copy} and copy["self"] is copy
 
 
-@pytest.mark.timeout(20)
+@pytest.mark.timeout(120)
 def test_deep_nesting_uses_no_python_stack():
     leaf = Leaf()
     tree = nested(200_000, leaf)
@@ -86,6 +86,16 @@ def test_deep_nesting_uses_no_python_stack():
     while isinstance(kept, list):
         kept, depth = kept[0], depth + 1
     assert (kept, depth) == (5, 200_001)
+
+
+@pytest.mark.timeout(120)
+def test_a_big_container_referenced_many_times_is_listed_once():
+    big = {str(i): i for i in range(20_000)}
+    tree = [big] * 20_000  # 2 bytes per reference in a pickle
+    kinds = [e.kind for e in _graph.walk(tree)]
+    assert len(kinds) == 1 + 20_000 + 20_000 and kinds.count(_graph.SEEN) == 19_999
+    copy = _graph.without_leaves(tree, is_leaf)
+    assert len(copy) == 20_000 and all(c is copy[0] for c in copy) and copy[0] == big
 
 
 def test_output_is_bounded():

@@ -57,6 +57,10 @@ class Event:
         self.kind, self.node, self.size, self.first = kind, node, size, first
 
 
+def _is_container(obj) -> bool:
+    return isinstance(obj, (dict, list, tuple))
+
+
 def items(obj) -> list | None:
     """dict / list / tuple entries as (key text, value): dict keys as str, indices as numbers; None for others."""
     if isinstance(obj, dict):
@@ -92,18 +96,18 @@ def walk(root, children: Callable = items, *, is_leaf: Callable | None = None, m
             continue
         entries += 1
         obj = node.obj
-        kids = None if is_leaf is not None and is_leaf(obj) else children(obj)
-        first = None if kids is None else seen.get(id(obj))
-        if kids is None or first is not None:
+        first = seen.get(id(obj))  # (only containers are in `seen`, and the graph keeps them alive)
+        kids = None if first is not None or (is_leaf is not None and is_leaf(obj)) else children(obj)
+        if kids is None:
             chars += node.length  # the entries whose path a caller may spell out
         if entries > max_entries or chars > max_chars:
             yield Event(TRUNCATED, node)
             return
-        if kids is None:
-            yield Event(LEAF, node)
-            continue
         if first is not None:
             yield Event(SEEN, node, first=first)
+            continue
+        if kids is None:
+            yield Event(LEAF, node)
             continue
         seen[id(obj)] = node
         yield Event(CONTAINER, node, len(kids))
@@ -173,7 +177,7 @@ def without_leaves(root, is_leaf: Callable):
     def resolved(value):
         if is_leaf(value):
             return DROPPED
-        if items(value) is None:
+        if not _is_container(value):
             return value
         key = id(value)
         if key in done:
@@ -186,12 +190,12 @@ def without_leaves(root, is_leaf: Callable):
         obj, leaving = stack.pop()
         key = id(obj)
         if not leaving:
-            if key in done or key in building or is_leaf(obj) or items(obj) is None:
+            if key in done or key in building or is_leaf(obj) or not _is_container(obj):
                 continue
             building[key] = {} if isinstance(obj, dict) else [] if isinstance(obj, list) else None
             stack.append((obj, True))
             values = obj.values() if isinstance(obj, dict) else obj
-            stack.extend((v, False) for v in reversed(list(values)) if not is_leaf(v) and items(v) is not None)
+            stack.extend((v, False) for v in reversed(list(values)) if _is_container(v) and not is_leaf(v))
             continue
         made = building[key]  # still in `building` while its entries are resolved: a cycle finds it
         if isinstance(obj, dict):

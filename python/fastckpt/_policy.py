@@ -31,8 +31,8 @@ from torch import _weights_only_unpickler as _wo
 from torch.serialization import UNSAFE_MESSAGE, StorageType
 
 from fastckpt import _native
+from fastckpt._pickles import python3_name
 from fastckpt._storages import Storages
-from fastckpt.inspection import python3_name
 from fastckpt.errors import LimitError, MetadataError, UnsafeGlobalError
 
 _TRUE_VALUES = ("1", "y", "yes", "true")

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from fastckpt.errors import CheckpointError, IntegrityError
+from fastckpt.errors import CheckpointError, IntegrityError, MissingDtypeError
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_UNREADABLE = 0, 1, 2
 
@@ -24,12 +24,13 @@ class _Unreadable(Exception):
 
 def _files(path, command: str) -> list[str]:
     """The zip files `command` works on: the file itself, or every shard of a sharded checkpoint."""
+    from fastckpt._formats import find_index, read_index
     from fastckpt.inspection import identify
-    from fastckpt.reader import ShardedReader, find_index
 
     kind, what = identify(path)
     if kind == "sharded":
-        return [os.fspath(p) for p in ShardedReader(find_index(path)).shards]
+        index = read_index(find_index(path))
+        return [os.fspath(index.shard_path(shard)) for shard in index.shards()]
     if kind == "checkpoint" or (kind == "torchscript" and command == "verify"):
         return [os.fspath(path)]
     raise _Unreadable(what)
@@ -56,8 +57,9 @@ def _progress(total: int, what: str):
 
 
 def _verify_file(path: str, threads) -> dict:
+    from fastckpt._tree import tensors_by_record
     from fastckpt.archive import verify
-    from fastckpt.inspection import read_tree, tensors_by_record
+    from fastckpt.inspection import read_tree
 
     with _progress(os.path.getsize(path), f"verify {os.path.basename(path)}") as progress:
         report = verify(path, threads=threads, progress=progress)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`| head`): stop quietly; Python would complain flushing stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, MissingDtypeError) as e:
         print(f"fastckpt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
 

@@ -19,7 +19,7 @@ from fastckpt import _native
 from fastckpt.errors import CheckpointError
 from fastckpt._descriptors import Unsupported
 from fastckpt.archive import check_storage_crc
-from fastckpt.reader import CheckpointReader, numpy_dtype
+from fastckpt.reader import CheckpointReader, element_dtype
 from fastckpt.reader import open as open_checkpoint
 
 CHUNK_BYTES = 64 << 20
@@ -49,13 +49,13 @@ class _Job:
 
     def __init__(self, key, reader: CheckpointReader):
         self.key, self.reader = key, reader
-        self.info = reader._descriptor(key)
+        self.info = reader.descriptor(key)
         if type(self.info) is Unsupported:
             raise CheckpointError(f"tensor '{key}' is a {self.info.kind} tensor; safetensors cannot store it")
         if self.info.dtype not in _SAFETENSORS_DTYPES or (self.info.metadata or {}):
             what = f"dtype torch.{self.info.dtype}" if not self.info.metadata else "conj/neg metadata"
             raise CheckpointError(f"tensor '{key}' has {what}, which this converter cannot write to safetensors")
-        self.dtype = numpy_dtype(self.info.dtype, key)
+        self.dtype = element_dtype(self.info.dtype, key)  # no ml_dtypes needed: elements are only moved
         self.nbytes = self.info.nbytes
 
     def contiguous(self) -> bool:
@@ -170,7 +170,7 @@ def _write_tensor(out, fd: int, job: _Job, chunk: bytearray, checked: set, progr
     record = (job.reader.path, storage.record)
     start = storage.data_offset + job.info.offset * job.dtype.itemsize
     whole = job.info.offset == 0 and job.nbytes == storage.nbytes
-    if job.contiguous() and not job.reader._big_endian:
+    if job.contiguous() and not job.reader.big_endian:
         crc = _copy(out, fd, start, job.nbytes, chunk, progress)
         if whole:
             _check(job, crc)
@@ -191,7 +191,7 @@ def _write_tensor(out, fd: int, job: _Job, chunk: bytearray, checked: set, progr
     item = job.dtype.itemsize
     array = np.ndarray(job.info.shape, job.dtype, buffer=data, offset=job.info.offset * item,
                        strides=[s * item for s in job.info.strides]) if job.nbytes else np.empty(0, job.dtype)
-    array = job.reader._finish(array, job.info)
+    array = job.reader.finish(array, job.info)
     out.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     if progress:
         progress(job.nbytes)
@@ -216,5 +216,5 @@ def _copy(out, fd: int, offset: int, nbytes: int, chunk: bytearray, progress) ->
 
 
 def _check(job: _Job, computed: int) -> None:
-    check_storage_crc(job.reader._archive, job.info.storage.record, computed, job.key, f" of {job.reader.path}")
+    check_storage_crc(job.reader.archive, job.info.storage.record, computed, job.key, f" of {job.reader.path}")
 

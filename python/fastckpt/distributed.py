@@ -28,7 +28,8 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from fastckpt import _graph, _native, errors, loader
+from fastckpt import _formats, _graph, _native, errors, loader
+from fastckpt._options import resolve_verify
 from fastckpt._policy import resolve_weights_only
 from fastckpt.archive import open_archive
 
@@ -78,7 +79,7 @@ def load(f, map_location=None, pickle_module=None, *, group=None, weights_only=N
     images = [None] * len(files)
     opts = dict(pickle_module=pickle_module, weights_only=wo, threads=threads or DEFAULT_THREADS,
                 pickle_load_args=pickle_load_args)
-    check_crc = loader._resolve_verify(verify) is not False
+    check_crc = resolve_verify(verify)
     # Ranks may differ: some ask for parts, others for everything; the metadata round is collective.
     if plan["kind"] == "file" and any(comm.all_gather_json(partial)):
         meta = [_metadata_segments(files[0])]
@@ -110,10 +111,10 @@ def _check_args(f, weights_only, pickle_module, keys, slices):
 def _plan(path: str, ranks: int) -> dict:
     if os.path.isdir(path) or path.endswith(".index.json"):
         return _sharded_plan(path, ranks)
-    if loader._handed_to_torch(path, False):
+    if loader.handed_to_torch(path, False):
         return {"kind": "fallback"}
     archive = open_archive(path)
-    if "constants.pkl" in archive:
+    if _formats.is_torchscript(archive):
         return {"kind": "fallback"}
     file = _file_entry(path, archive)
     file["ranges"] = _balanced_ranges(file, ranks)
@@ -159,10 +160,10 @@ def _sharded_plan(path: str, ranks: int) -> dict:
     files = []
     for name in shard_names:
         shard = os.path.join(directory, name)
-        if loader._format_of(shard) != "zip" or shard.endswith(".safetensors"):
+        if _formats.sniff(shard, records=False) is not _formats.Kind.ZIP or shard.endswith(".safetensors"):
             raise errors.FormatError(f"shard {shard} is not a torch.save zip checkpoint")
         archive = open_archive(shard)
-        if "constants.pkl" in archive:
+        if _formats.is_torchscript(archive):
             raise errors.FormatError(f"shard {shard} is a TorchScript archive, not a checkpoint")
         files.append(_file_entry(shard, archive))
     load_by_rank = [0] * ranks
@@ -430,7 +431,7 @@ def _base_address(archive) -> int:
 
 
 def _load_image_archive(archive, map_location, opts):
-    return loader._load_archive(archive, map_location, opts["pickle_module"], weights_only=opts["weights_only"],
+    return loader.load_archive(archive, map_location, opts["pickle_module"], weights_only=opts["weights_only"],
                                 mmap=True, verify=False, threads=opts["threads"],
                                 pickle_load_args=dict(opts["pickle_load_args"]))
 

@@ -41,6 +41,12 @@ class UnsafeGlobalError(UnpicklingError):
     """weights_only refused a global or an operation on it."""
 
 
+class MissingDtypeError(ImportError):
+    """A tensor's dtype needs an optional package (bfloat16 / float8 in numpy: ml_dtypes) that is
+    not installed; the message names the tensor and what to install. Not a CheckpointError: the
+    file is fine."""
+
+
 __all__ = [
     "CheckpointError",
     "FormatError",
@@ -50,4 +56,5 @@ __all__ = [
     "MetadataError",
     "UnpicklingError",
     "UnsafeGlobalError",
+    "MissingDtypeError",
 ]
