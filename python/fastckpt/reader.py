@@ -317,6 +317,10 @@ def open(path, framework: str = "numpy", *, verify=None):  # noqa: A001  (safe_o
     ``"mlx"``, or ``"pt"`` (torch tensors as fastckpt.load returns them). ``verify=True`` checks
     the CRC-32 of every storage record read; by default (and with ``FASTCKPT_VERIFY=0``) lazy reads
     are not checked, with ``FASTCKPT_VERIFY=1`` they are.
+
+    Keys are dotted paths: a tensor saved under several names (tied weights) has each of them; a
+    container saved under several names (or holding itself) is one object, as torch.load returns
+    it, and its tensors are named by its first path in tree order (see ``fastckpt._graph``).
     """
     verify = resolve_verify(verify, mapped=True)
     index = _formats.find_index(path)
