@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastckpt import _descriptors, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
+from fastckpt._graph import flatten  # noqa: F401  (fastckpt.open's naming rule, defined in _graph)
 from fastckpt.archive import check_version, read_data_pickle
 
 

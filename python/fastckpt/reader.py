@@ -15,8 +15,7 @@ import os
 from fastckpt import _formats, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
 from fastckpt._options import resolve_verify
-from fastckpt._graph import flatten  # (also fastckpt.reader.flatten: open's naming rule, in _graph)
-from fastckpt._tree import is_descriptor, tree_of
+from fastckpt._tree import flatten, is_descriptor, tree_of
 from fastckpt.archive import byteorder_record, check_storage_crc, open_archive
 from fastckpt.errors import CheckpointError, FormatError, MetadataError, MissingDtypeError
 
