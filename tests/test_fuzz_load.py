@@ -333,7 +333,19 @@ def cli_on_an_index_with_no_shards(tmp_path):
         assert main(argv) == 2, argv
 
 
+def layout_of_a_non_string(tmp_path):
+    """_get_layout({}) as a value: inspect printed the tree with a Global whose name was a dict (a traceback)."""
+    from fastckpt.cli import main
+
+    path = tmp_path / "layout.pt"
+    path.write_bytes(_with_pickle(P.program(P.call("torch.serialization", "_get_layout", P.EMPTY_DICT))))
+    assert main(["inspect", str(path)]) == 2
+    with pytest.raises(fastckpt.MetadataError):
+        fastckpt.open(path)
+
+
 SURFACE_REGRESSIONS = {  # each was a finding of the surfaces fuzz run (issue 23 class 2, and the CLI); all fixed
+    "layout_of_a_non_string": layout_of_a_non_string,
     "index_json_errors_are_format_errors": index_json_errors_are_format_errors,
     "index_naming_a_folder_is_refused": index_naming_a_folder_is_refused,
     "open_and_load_sharded_agree": open_and_load_sharded_agree,

@@ -162,6 +162,8 @@ def _encode(text, encoding="latin1"):
 
 
 def _layout(name):
+    if type(name) is not str:  # torch's _get_layout looks the name up: anything else fails there too
+        raise_metadata(f"torch.serialization._get_layout of a {type(name).__name__}, not a layout name")
     return Global(name)
 
 
