@@ -344,7 +344,16 @@ def layout_of_a_non_string(tmp_path):
         fastckpt.open(path)
 
 
+def ordered_dict_of_bad_pairs(tmp_path):
+    """OrderedDict([[1]]): the torch-free reader let OrderedDict's ValueError out of fastckpt.open."""
+    path = tmp_path / "od.pt"
+    path.write_bytes(_with_pickle(P.program(P.call("collections", "OrderedDict", b"](](K\x01ee"))))
+    with pytest.raises(fastckpt.MetadataError, match="OrderedDict"):
+        fastckpt.open(path)
+
+
 SURFACE_REGRESSIONS = {  # each was a finding of the surfaces fuzz run (issue 23 class 2, and the CLI); all fixed
+    "ordered_dict_of_bad_pairs": ordered_dict_of_bad_pairs,
     "layout_of_a_non_string": layout_of_a_non_string,
     "index_json_errors_are_format_errors": index_json_errors_are_format_errors,
     "index_naming_a_folder_is_refused": index_naming_a_folder_is_refused,

@@ -194,5 +194,5 @@ def call(name: str, args: tuple):
         return Placeholder(name, args)
     try:
         return fn(*args)
-    except TypeError as e:
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. OrderedDict([[1]]): not (key, value) pairs
         raise_metadata(f"{name} with the file's arguments failed: {e}")
