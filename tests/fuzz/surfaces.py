@@ -21,7 +21,7 @@ import shutil
 MAX_KEYS = 16  # tensors read per input
 MAX_TOUCH = 1 << 22  # elements summed per array; bigger ones are touched at their corners
 MAX_CLI_OUTPUT = 8 << 20
-CONVERT_GROWTH = 64  # convert's output may be this many times the input (plus 1 MiB) before it is a finding
+CONVERT_GROWTH, CONVERT_SLACK = 4, 16 << 20  # convert refuses more output than 4x its input + 16 MiB (README)
 SHARD = "model-00001-of-00001.pt"
 
 
@@ -139,7 +139,7 @@ def check_convert(path: str, work: str, arrays: dict | None):
     if written is None:
         return
     size = sum(os.path.getsize(p) for p in written)
-    if size > CONVERT_GROWTH * os.path.getsize(path) + (1 << 20):
+    if size > CONVERT_GROWTH * os.path.getsize(path) + CONVERT_SLACK:
         raise Finding("convert output not bounded by its input", None, f"{size} bytes from {os.path.getsize(path)}")
     if arrays:
         from safetensors.numpy import load_file
