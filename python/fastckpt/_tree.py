@@ -6,10 +6,10 @@ numpy-free (tensors are :mod:`fastckpt._descriptors`, nothing the file names is 
 
 from __future__ import annotations
 
-from fastckpt import _descriptors, _native
+from fastckpt import _descriptors, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
+from fastckpt._graph import flatten  # noqa: F401  (fastckpt.open's naming rule, defined in _graph)
 from fastckpt.archive import check_version, read_data_pickle
-from fastckpt.errors import CheckpointError
 
 
 def tree_of(archive, placeholders: bool = True):
@@ -24,30 +24,14 @@ def is_descriptor(obj) -> bool:
     return type(obj) is TensorInfo or type(obj) is Unsupported
 
 
-def flatten(tree, is_tensor) -> dict:
-    """{dotted path: tensor} in tree order: dict keys as str, list/tuple indices as numbers."""
-    out: dict = {}
-    stack = [("", tree)]
-    while stack:
-        path, obj = stack.pop()
-        if is_tensor(obj):
-            if path in out and out[path] is not obj:
-                raise CheckpointError(f"two tensors are both named '{path}' (keys with dots in them?)")
-            out[path] = obj
-            continue
-        if isinstance(obj, dict):
-            items = [(str(k), v) for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple)):
-            items = [(str(i), v) for i, v in enumerate(obj)]
-        else:
-            continue
-        stack.extend((f"{path}.{k}" if path else k, v) for k, v in reversed(items))
-    return out
+# names of the tensors of a bad record, in messages: the first ones of a huge graph are enough
+_MAX_NAMED_ENTRIES = 100_000
 
 
 def tensors_by_record(tree) -> dict[str, list[str]]:
-    """{"data/<key>": [tensor names]} for the tensors of a tree (fastckpt.open's names)."""
+    """{"data/<key>": [tensor names]} for the tensors of a tree (fastckpt.open's names; from the first
+    entries of a huge graph only: the names are there to help, not to list)."""
     out: dict[str, list[str]] = {}
-    for name, t in flatten(tree, lambda x: type(x) is TensorInfo).items():
+    for name, t in _graph.leaves(tree, lambda x: type(x) is TensorInfo, max_entries=_MAX_NAMED_ENTRIES)[0].items():
         out.setdefault(t.storage.record, []).append(name)
     return out

@@ -30,7 +30,10 @@ def _files(path, command: str) -> list[str]:
     kind, what = identify(path)
     if kind == "sharded":
         index = read_index(find_index(path))
-        return [os.fspath(index.shard_path(shard)) for shard in index.shards()]
+        shards = [os.fspath(index.shard_path(shard)) for shard in index.shards()]
+        if not shards:
+            raise _Unreadable(f"{what}, but its index maps no tensor to a shard")
+        return shards
     if kind == "checkpoint" or (kind == "torchscript" and command == "verify"):
         return [os.fspath(path)]
     raise _Unreadable(what)

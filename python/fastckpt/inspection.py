@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 
-from fastckpt import _formats
+from fastckpt import _formats, _graph
 from fastckpt._descriptors import Placeholder, TensorInfo, Unsupported
 from fastckpt._formats import Kind
+from fastckpt._graph import leaves
 from fastckpt._pickles import WEIGHTS_ONLY_DEFAULTS, globals_in_pickle
-from fastckpt._tree import flatten, is_descriptor, tree_of
+from fastckpt._tree import is_descriptor, tree_of
 from fastckpt.archive import open_archive, read_record
 from fastckpt.errors import CheckpointError, FormatError
 
@@ -83,30 +84,54 @@ def _leaf_text(obj) -> str | None:
     return None
 
 
-def _describe(obj, label: str, indent: str, lines: list[str], max_items: int) -> None:
-    """Appends `label` + obj to lines: containers as nested blocks, leaves on one line."""
-    leaf = _leaf_text(obj)
-    if leaf is not None:
-        lines.append(f"{indent}{label}{leaf}")
-        return
+_MAX_TREE_ENTRIES = 100_000  # lines of the object tree, whatever the file holds
+_MAX_INDENT = 32  # deeper levels say their depth instead of indenting further
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _tree_children(obj):
+    """The entries `inspect` shows under obj (key text, value); None for a one-line leaf."""
+    if _leaf_text(obj) is not None:
+        return None
     if type(obj) is Placeholder and isinstance(obj.state, dict):  # an object's attributes, e.g. argparse.Namespace
-        lines.append(f"{indent}{label}<{obj.name}>  (not run: its attributes as stored)")
-        for key, value in list(obj.state.items())[:max_items]:
-            _describe(value, f"{key}=", indent + "  ", lines, max_items)
-        return
+        return [(_short(str(k)), v) for k, v in obj.state.items()]
     if isinstance(obj, dict):
-        items = [(f"{k!r}: ", v) for k, v in obj.items()]
-    elif isinstance(obj, (list, tuple, set)):
-        items = [("", v) for v in obj]
-    else:
-        text = repr(obj)
-        lines.append(f"{indent}{label}{text if len(text) <= 120 else text[:117] + '...'}")
-        return
-    lines.append(f"{indent}{label}{type(obj).__name__} ({len(items)} items)")
-    for key, value in items[:max_items]:
-        _describe(value, key, indent + "  ", lines, max_items)
-    if len(items) > max_items:
-        lines.append(f"{indent}  ... {len(items) - max_items} more")
+        return [(_short(repr(k)), v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    return None
+
+
+def describe_tree(tree, max_items: int) -> list[str]:
+    """The object tree as indented lines: containers as blocks (each shown once: a container met again
+    names where it was shown), leaves on one line, at most `max_items` entries per container."""
+    lines: list[str] = []
+    for event in _graph.walk(tree, _tree_children, max_items=max_items, max_entries=_MAX_TREE_ENTRIES):
+        node = event.node
+        indent = "  " * (node.depth + 1) if node.depth < _MAX_INDENT else f"{'  ' * _MAX_INDENT}[depth {node.depth}] "
+        parent = node.parent.obj if node.parent is not None else None
+        label = ("" if parent is None or isinstance(parent, (list, tuple, set, frozenset))
+                 else f"{node.key}: " if isinstance(parent, dict) else f"{node.key}=")
+        obj = node.obj
+        if event.kind == _graph.CONTAINER:
+            if type(obj) is Placeholder:
+                lines.append(f"{indent}{label}<{obj.name}>  (not run: its attributes as stored)")
+            else:
+                lines.append(f"{indent}{label}{type(obj).__name__} ({event.size} items)")
+        elif event.kind == _graph.SEEN:
+            where = event.first.path() or "the top-level object"
+            lines.append(f"{indent}{label}{type(obj).__name__}: the same object as {_short(where)} (shown there)")
+        elif event.kind == _graph.MORE:
+            lines.append(f"{indent}  ... {event.size} more")
+        elif event.kind == _graph.TRUNCATED:
+            lines.append(f"  ... the tree is cut here: more than {_MAX_TREE_ENTRIES:,d} entries")
+        else:
+            leaf = _leaf_text(obj)
+            lines.append(f"{indent}{label}{leaf if leaf is not None else _short(repr(obj))}")
+    return lines
 
 
 def read_tree(path, placeholders: bool = True):
@@ -142,15 +167,15 @@ def inspect_report(path, max_items: int = 200) -> dict:
     data = [r for r in records if r.name.startswith("data/")]
     pickle_globals = globals_in_pickle(read_record(archive, "data.pkl"))
     marks = _allowlist_marks(pickle_globals)
-    lines: list[str] = []
-    _describe(tree, "", "  ", lines, max_items)
-    tensors = flatten(tree, is_descriptor)
+    lines = describe_tree(tree, max_items)
+    tensors, cut = leaves(tree, is_descriptor)
     return {
         "path": os.fspath(path), "prefix": archive.prefix, "size": archive.size, "records": len(records),
         "storages": len(data), "storage_bytes": sum(r.size for r in data),
         "min_alignment": min((r.alignment for r in data), default=0),
         "globals": [{"name": g, "weights_only": marks.get(g)} for g in pickle_globals],
-        "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors.values() if type(t) is TensorInfo),
+        "tensors": len(tensors), "tensors_truncated": cut,
+        "tensor_bytes": sum(t.nbytes for t in tensors.values() if type(t) is TensorInfo),
         "tree": lines,
     }
 
@@ -164,6 +189,7 @@ def inspect_checkpoint(path, max_items: int = 200) -> str:
     lines += [f"  {g['name']}{'  (not allowed by weights_only)' if g['weights_only'] is False else ''}"
               for g in r["globals"]]
     lines += ["objects:", *r["tree"]]
-    lines.append(f"totals: {r['tensors']} tensors ({r['tensor_bytes']:,d} bytes of elements), {r['storages']} storages, "
-                 f"{r['storage_bytes']:,d} bytes of tensor data")
+    at_least = "at least " if r["tensors_truncated"] else ""
+    lines.append(f"totals: {at_least}{r['tensors']} tensors ({r['tensor_bytes']:,d} bytes of elements), "
+                 f"{r['storages']} storages, {r['storage_bytes']:,d} bytes of tensor data")
     return "\n".join(lines)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 
-from fastckpt import _formats, _native
+from fastckpt import _formats, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
 from fastckpt._options import resolve_verify
 from fastckpt._source import Source
 from fastckpt._tree import flatten, is_descriptor, tree_of
 from fastckpt.archive import byteorder_record, check_storage_crc
-from fastckpt.errors import CheckpointError, FormatError, MissingDtypeError
+from fastckpt.errors import CheckpointError, FormatError, MetadataError, MissingDtypeError
 
 FRAMEWORKS = ("numpy", "pt", "mlx")
 _NUMPY_NAMES = {
@@ -26,6 +26,7 @@ _NUMPY_NAMES = {
     "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
     "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
 }
+_WHOLE = object()  # get_tensor's index: the whole tensor (None is numpy's newaxis)
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 _ML_DTYPE_BYTES = {name: 2 if name == "bfloat16" else 1 for name in _ML_DTYPES}
 
@@ -63,20 +64,6 @@ def _is_ml_dtype(dtype) -> bool:
     return dtype.num >= 256  # numpy numbers user-defined types (ml_dtypes') from 256 on
 
 
-def _without_tensors(obj):
-    """The tree with tensors left out, and containers that held only tensors; _DROP when nothing is left."""
-    if is_descriptor(obj):
-        return _DROP
-    if isinstance(obj, dict):
-        kept = {k: v for k, v in ((k, _without_tensors(v)) for k, v in obj.items()) if v is not _DROP}
-        return _DROP if obj and not kept else kept
-    if isinstance(obj, (list, tuple)):
-        kept = [v for v in map(_without_tensors, obj) if v is not _DROP]
-        return _DROP if obj and not kept else (tuple(kept) if isinstance(obj, tuple) else kept)
-    return obj
-
-
-_DROP = object()
 
 
 class _Slice:
@@ -91,7 +78,7 @@ class _Slice:
     def get_dtype(self) -> str:
         return self._reader.info(self._key)["dtype"]
 
-    def __getitem__(self, index):
+    def __getitem__(self, index):  # numpy's indexing: None (newaxis), Ellipsis, negative steps...
         return self._reader._read(self._key, index)
 
 
@@ -136,7 +123,7 @@ class CheckpointReader:
         return len(self._tensors)
 
     def get_tensor(self, key: str):
-        return self._read(key, None)
+        return self._read(key, _WHOLE)
 
     def get_slice(self, key: str) -> _Slice:
         self.descriptor(key)
@@ -155,8 +142,8 @@ class CheckpointReader:
 
     def metadata(self):
         """The non-tensor values of the tree (epoch, config, optimizer param_groups...); None when there are none."""
-        kept = _without_tensors(self.tree)
-        return None if kept is _DROP else kept
+        kept = _graph.without_leaves(self.tree, is_descriptor)
+        return None if kept is _graph.DROPPED else kept
 
     # ---- reading ----------------------------------------------------------------
     def descriptor(self, key: str):
@@ -172,11 +159,11 @@ class CheckpointReader:
         t = self.descriptor(key)
         if self.framework == "pt":
             tensor = self._torch()[key]
-            return tensor if index is None else tensor[index]
+            return tensor if index is _WHOLE else tensor[index]
         if type(t) is Unsupported:
             raise TypeError(f"tensor '{key}' is a {t.kind} tensor, which numpy cannot hold; open with framework=\"pt\"")
         array = self.raw_array(key)
-        if index is not None:
+        if index is not _WHOLE:
             array = array[index]
         array = self.finish(array, t)
         return array if self.framework == "numpy" else _to_mlx(array, key)
@@ -191,10 +178,16 @@ class CheckpointReader:
         buffer = self.archive.view(record)
         if self._verify and record not in self._checked:
             self._check_crc(key, t.storage, buffer)
-        if 0 in t.shape:
-            return np.empty(t.shape, dtype)
         item = dtype.itemsize
-        array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=[s * item for s in t.strides])
+        try:
+            if 0 in t.shape:
+                return np.empty(t.shape, dtype)
+            # a dimension of size 1 never steps: its stride (any value torch accepts) is not numpy's business
+            strides = [0 if n == 1 else s * item for n, s in zip(t.shape, t.strides)]
+            array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=strides)
+        except (ValueError, OverflowError) as e:  # sizes torch accepts but numpy cannot index (> 2^63 bytes)
+            raise MetadataError(f"tensor '{key}' of shape {tuple(t.shape)} and strides {tuple(t.strides)} cannot be "
+                                f"a numpy array ({e}); open with framework=\"pt\"") from None
         array.flags.writeable = False
         return array
 
@@ -326,6 +319,10 @@ def open(path, framework: str = "numpy", *, verify=None):  # noqa: A001  (safe_o
     ``"mlx"``, or ``"pt"`` (torch tensors as fastckpt.load returns them). ``verify=True`` checks
     the CRC-32 of every storage record read; by default (and with ``FASTCKPT_VERIFY=0``) lazy reads
     are not checked, with ``FASTCKPT_VERIFY=1`` they are.
+
+    Keys are dotted paths: a tensor saved under several names (tied weights) has each of them; a
+    container saved under several names (or holding itself) is one object, as torch.load returns
+    it, and its tensors are named by its first path in tree order (see ``fastckpt._graph``).
     """
     verify = resolve_verify(verify, mapped=True)
     index = _formats.find_index(path)

@@ -9,7 +9,7 @@ import pathlib
 
 import torch
 
-from fastckpt import _formats, _native, loader
+from fastckpt import _formats, _graph, _native, loader
 from fastckpt.distributed.schedule import merged
 
 
@@ -73,20 +73,8 @@ def _base_address(archive) -> int:
 
 
 def tensors(value):
-    """The tensors in `value`'s containers, each container and tensor visited once (shared or cyclic
-    references included)."""
-    stack, seen = [value], set()
-    while stack:
-        v = stack.pop()
-        if id(v) in seen:
-            continue
-        seen.add(id(v))
-        if isinstance(v, torch.Tensor):
-            yield v
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+    """The tensors in `value`, each visited once (shared or cyclic references included)."""
+    return _graph.distinct_leaves(value, lambda v: isinstance(v, torch.Tensor))
 
 
 def wanted_spans(file: dict, image, keys, slices, opts) -> list:
