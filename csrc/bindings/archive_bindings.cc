@@ -44,7 +44,7 @@ namespace {
 // the GIL released; OS errors become OSError naming `name`.
 template <class Map>
 std::shared_ptr<Archive> index_file(Map map, const std::string& name) {
-  std::shared_ptr<MappedFile> file;
+  std::shared_ptr<FileMemory> file;
   int os_error = 0;
   {
     py::gil_scoped_release release;
@@ -115,7 +115,7 @@ void register_archive(py::module_& m) {
 
   m.def(
       "allocate", [](size_t size) {
-        auto f = MappedFile::anonymous(size);
+        auto f = FileMemory::anonymous(size);
         return ByteView{f, f->mutable_data(), f->size()};
       },
       py::arg("size"), "Zero-filled writable memory to read a file-like object into.");
@@ -148,13 +148,13 @@ void register_archive(py::module_& m) {
       .def_static(
           "open",
           [](const std::string& path) {
-            return index_file([&] { return MappedFile::open(path); }, path);
+            return index_file([&] { return FileMemory::open(path); }, path);
           },
           py::arg("path"), "Map the file at `path` and index it (GIL released).")
       .def_static(
           "open_fd",
           [](int fd, uint64_t start, const std::string& name) {
-            return index_file([&] { return MappedFile::open_fd(fd, start, name); }, name);
+            return index_file([&] { return FileMemory::open_fd(fd, start, name); }, name);
           },
           py::arg("fd"), py::arg("start"), py::arg("name"),
           "Map the regular file open as descriptor `fd` (duplicated) from byte `start` on, and index it "
@@ -305,7 +305,7 @@ void register_archive(py::module_& m) {
               py::gil_scoped_release release;
               // CRC straight over a fresh read-only mapping (no copy into a
               // buffer first), read ahead in file order.
-              std::shared_ptr<MappedFile> view = MappedFile::shared_view(*a.file);
+              std::shared_ptr<FileMemory> view = FileMemory::shared_view(*a.file);
               if (view) view->advise(Advice::Sequential);
               results = run_copies(view ? *view : *a.file, tasks, threads);
             }

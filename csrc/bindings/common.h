@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "core/archive.h"
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 #include "core/storage_plan.h"
 
 namespace fastckpt::bindings {

@@ -343,7 +343,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     const size_t upto = v.slots == kReachesAllSlots ? slots_.size() : v.slots;
     for (; ready_slots_ < upto; ++ready_slots_) {
       const StoragePlan::Entry& entry = *slots_[ready_slots_].entry;
-      if (entry.source == StoragePlan::Source::Arena) wait_for(plan_, entry);
+      if (entry.source == StoragePlan::Source::Eager) wait_for(plan_, entry);
     }
   }
 
@@ -518,10 +518,11 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       // The common case: the first tensor over its storage covers it whole.
       // One torch call makes both, over the bytes in place, shaped.
       contiguous_strides(size, contiguous_);
-      // SAFETY: the slot's bytes were checked to hold nbytes when it was made (inside the file, or its own memory),
-      // source bytes when the slot was made, and the tensor (numel * itemsize
-      // == nbytes, contiguous from offset 0) covers exactly that range; the
-      // capsule holds the owner until torch frees the tensor.
+      // SAFETY: the slot's bytes were checked to be nbytes long when the slot
+      // was made (a stored record inside the file, or memory the plan owns);
+      // the tensor (numel * itemsize == nbytes, contiguous from offset 0)
+      // covers exactly that range, and the capsule holds their owner until
+      // torch frees the tensor.
       py::capsule capsule = dlpack_capsule(slot.entry->bytes.owner, slot.entry->bytes.data, *dl, size,
                                            contiguous_);
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));

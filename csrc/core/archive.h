@@ -6,7 +6,7 @@
 #include <memory>
 #include <string>
 
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 #include "core/zip_index.h"
 
 namespace fastckpt {
@@ -26,13 +26,13 @@ std::string describe_record(const ZipRecord& r);
 
 // `size` bytes at `data`, kept alive by `owner` (null when there are none).
 struct ByteView {
-  std::shared_ptr<MappedFile> owner;
+  std::shared_ptr<FileMemory> owner;
   uint8_t* data = nullptr;
   size_t size = 0;
 };
 
 struct Archive {
-  std::shared_ptr<MappedFile> file;
+  std::shared_ptr<FileMemory> file;
   ZipIndex index;
 
   const ZipRecord& record(const std::string& name) const;  // throws Error(Record)

@@ -35,11 +35,11 @@ class Record:
 class StoragePlan:
     class Mode(enum.Enum):
         mapped = 0
-        arena = 1
+        eager = 1
         meta = 2
     class Source(enum.Enum):
         mapped = 0
-        arena = 1
+        eager = 1
         meta = 2
         staged = 3
         inflated = 4

@@ -92,7 +92,7 @@ def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, pr
             jobs = [_Job(k, reader) for k in reader.keys()]
         else:
             jobs = [_Job(k, reader.shard_reader(k)) for k in reader.keys()]
-        shards = _plan(jobs, None if max_shard_size is None else parse_size(max_shard_size))
+        shards = _split_into_shards(jobs, None if max_shard_size is None else parse_size(max_shard_size))
         if len(shards) == 1:
             _write_file(dst, shards[0], progress)
             return [dst]
@@ -110,7 +110,7 @@ def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, pr
         return [os.path.join(folder, n) for n in names] + [index_path]
 
 
-def _plan(jobs: list[_Job], max_bytes: int | None) -> list[list[_Job]]:
+def _split_into_shards(jobs: list[_Job], max_bytes: int | None) -> list[list[_Job]]:
     shards: list[list[_Job]] = [[]]
     size = 0
     for job in jobs:

@@ -144,7 +144,7 @@ def _leaf_text(obj) -> str | None:
     return None
 
 
-def _describe(obj, label: str, indent: str, lines: list[str], max_items: int) -> None:
+def _append_tree_lines(obj, label: str, indent: str, lines: list[str], max_items: int) -> None:
     """Appends `label` + obj to lines: containers as nested blocks, leaves on one line."""
     leaf = _leaf_text(obj)
     if leaf is not None:
@@ -155,7 +155,7 @@ def _describe(obj, label: str, indent: str, lines: list[str], max_items: int) ->
     if type(obj) is Placeholder and isinstance(obj.state, dict):  # an object's attributes, e.g. argparse.Namespace
         lines.append(f"{indent}{label}<{obj.name}>  (not run: its attributes as stored)")
         for key, value in list(obj.state.items())[:max_items]:
-            _describe(value, f"{key}=", indent + "  ", lines, max_items)
+            _append_tree_lines(value, f"{key}=", indent + "  ", lines, max_items)
         return
     if isinstance(obj, dict):
         items = [(f"{k!r}: ", v) for k, v in obj.items()]
@@ -167,7 +167,7 @@ def _describe(obj, label: str, indent: str, lines: list[str], max_items: int) ->
         return
     lines.append(f"{indent}{label}{type(obj).__name__} ({len(items)} items)")
     for key, value in items[:max_items]:
-        _describe(value, key, indent + "  ", lines, max_items)
+        _append_tree_lines(value, key, indent + "  ", lines, max_items)
     if len(items) > max_items:
         lines.append(f"{indent}  ... {len(items) - max_items} more")
 
@@ -223,7 +223,7 @@ def inspect_report(path, max_items: int = 200) -> dict:
     pickle_globals = globals_in_pickle(read_record(archive, "data.pkl"))
     marks = _allowlist_marks(pickle_globals)
     lines: list[str] = []
-    _describe(tree, "", "  ", lines, max_items)
+    _append_tree_lines(tree, "", "  ", lines, max_items)
     tensors = flatten(tree, lambda x: type(x) in (TensorInfo, Unsupported))
     return {
         "path": os.fspath(path), "prefix": archive.prefix, "size": archive.size, "records": len(records),

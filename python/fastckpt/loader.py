@@ -172,7 +172,7 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
     if torch.serialization._is_meta_location(map_location):
         mode = StoragePlan.Mode.meta
     else:
-        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.arena
+        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.eager
     targets = str(map_location) if isinstance(map_location, torch.device) else map_location
     # Swapped bytes, or a deserializer registered ahead of torch's, leave every storage to Python.
     plan = StoragePlan(archive, mode, targets, native_cpu=not byteswap and default_deserializers_first())

@@ -48,10 +48,10 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
         cuda = next((d for d in config.devices if d.startswith("cuda")), None)
         ceilings = call_python("fastckpt.bench.ceilings", {
             "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES})
-    plan = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
-    runs = sum(c.runs_on(device) for _, device, _ in plan for c in config.contenders)
+    grid = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
+    runs = sum(c.runs_on(device) for _, device, _ in grid for c in config.contenders)
     progress = _Progress(runs * config.rounds, log)
-    cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in plan]
+    cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in grid]
     results = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
