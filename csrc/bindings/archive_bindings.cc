@@ -140,6 +140,17 @@ void register_archive(py::module_& m) {
       });
 
   m.def(
+      "check_crc",
+      [](const std::string& name, uint32_t stored, uint64_t size, uint64_t data_offset, uint32_t computed,
+         const std::string& file, const std::vector<std::string>& keys) {
+        ZipRecord r{name, 0, data_offset, size, size, stored, Method::Stored, 0};
+        check_crc(r, computed, file, keys);
+      },
+      py::arg("name"), py::arg("stored"), py::arg("size"), py::arg("data_offset"), py::arg("computed"),
+      py::arg("file") = "", py::arg("keys") = std::vector<std::string>{},
+      "The core's CRC verdict and message for a record known by its fields (no Archive at hand): "
+      "IntegrityError with .record and .keys on a mismatch.");
+  m.def(
       "judge_crc", [](const ZipRecord& r, uint32_t actual) { return std::string(crc_status_name(judge_crc(r, actual))); },
       py::arg("record"), py::arg("actual"),
       "'ok', 'mismatch' or 'unrecorded' (a stored CRC of 0 on a non-empty record): the one verdict rule.");
@@ -212,7 +223,7 @@ void register_archive(py::module_& m) {
                 py::gil_scoped_release release;
                 actual = crc32(0, v.data, v.size);
               }
-              fastckpt::check_crc(r, actual);
+              a.check_crc(r, actual);
             }
             return py::bytes(reinterpret_cast<const char*>(v.data), v.size);
           },
@@ -239,7 +250,7 @@ void register_archive(py::module_& m) {
                                           " bytes but the destination has " + std::to_string(out.size()));
             auto results = copies_without_gil(a, {{r.data_offset, r.size, out.data(), check_crc}}, threads);
             if (!check_crc) return std::string("unchecked");
-            fastckpt::check_crc(r, results[0].crc32);
+            a.check_crc(r, results[0].crc32);
             return std::string(crc_status_name(judge_crc(r, results[0].crc32)));
           },
           py::arg("name"), py::arg("dest"), py::arg("check_crc") = true, py::arg("threads") = 0,
@@ -273,11 +284,19 @@ void register_archive(py::module_& m) {
             if (names.size() != crcs.size()) throw py::value_error("check_crcs: one CRC per name");
             for (size_t i = 0; i < names.size(); ++i) {
               const ZipRecord& r = a.record(names[i]);
-              fastckpt::check_crc(r, crcs[i]);
+              a.check_crc(r, crcs[i]);
             }
           },
           py::arg("names"), py::arg("crcs"),
           "Raise IntegrityError for the first record whose computed CRC-32 does not match its stored one.")
+      .def(
+          "check_crc",
+          [](const Archive& a, const std::string& name, uint32_t computed, const std::vector<std::string>& keys) {
+            a.check_crc(a.record(name), computed, keys);
+          },
+          py::arg("name"), py::arg("computed"), py::arg("keys") = std::vector<std::string>{},
+          "The core's CRC verdict for record `name`: IntegrityError (with .record and .keys, the tensors "
+          "it holds when the caller knows them) on a mismatch.")
       .def(
           "verify",
           [](py::object self, std::optional<std::vector<std::string>> names, unsigned threads) {

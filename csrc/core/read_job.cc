@@ -71,7 +71,7 @@ void ReadJob::record_done(size_t i, uint32_t crc) {
 }
 
 void ReadJob::check(size_t i) const {
-  if (check_crc_) check_crc(*records_[i], crcs_[i]);
+  if (check_crc_) archive_->check_crc(*records_[i], crcs_[i]);
 }
 
 void ReadJob::wait_record(size_t i) {

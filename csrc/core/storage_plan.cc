@@ -5,6 +5,7 @@
 
 #include "core/copy_engine.h"
 #include "core/errors.h"
+#include "core/storage_rule.h"
 
 namespace fastckpt {
 namespace {
@@ -158,7 +159,7 @@ void StoragePlan::start(bool check_crc, unsigned threads) {
       // Over a fresh read-only mapping: the file's bytes, not private writes of the load's own.
       std::shared_ptr<FileMemory> view = FileMemory::shared_view(*archive_->file);
       std::vector<CopyResult> results = run_copies(view ? *view : *archive_->file, tasks, threads);
-      for (size_t i = 0; i < checked.size(); ++i) fastckpt::check_crc(*checked[i], results[i].crc32);
+      for (size_t i = 0; i < checked.size(); ++i) archive_->check_crc(*checked[i], results[i].crc32);
     }
   }
 }
@@ -173,9 +174,7 @@ const StoragePlan::Entry& StoragePlan::entry(std::string_view key, uint64_t nbyt
   const Entry* e = &lookup(key);
   const ZipRecord& r = *e->record;
   if (e->source == Source::Meta) return *e;  // no bytes are read: torch checks no size either
-  if (r.size != nbytes)
-    fail(ErrorKind::Record, "record '" + r.name + "' holds " + std::to_string(r.size) +
-                                " bytes but its storage needs " + std::to_string(nbytes));
+  check_record_holds(r, nbytes);
   if (e->source == Source::Mapped && r.method != Method::Stored)
     fail(ErrorKind::Record, "record '" + r.name + "' is compressed; mmap=True needs stored records (load with mmap=False)");
   return *e;

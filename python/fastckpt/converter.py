@@ -216,5 +216,5 @@ def _copy(out, fd: int, offset: int, nbytes: int, chunk: bytearray, progress) ->
 
 
 def _check(job: _Job, computed: int) -> None:
-    check_storage_crc(job.reader._archive, job.info.storage.record, computed, job.key, f" of {job.reader.path}")
+    check_storage_crc(job.reader._archive, job.info.storage.record, computed, job.key)
 

@@ -7,7 +7,6 @@ import gc
 import io
 import os
 import pickle
-import re
 import sys
 import warnings
 
@@ -249,22 +248,22 @@ def _resolve_verify(verify):
     return verify
 
 
-def _integrity_message(error: IntegrityError, archive) -> str:
-    """Adds the tensors the bad record belongs to (read by the torch-free reader: nothing is run)
-    and how to load anyway."""
+def _with_tensors(error: IntegrityError, archive) -> IntegrityError:
+    """The error again, naming the tensors its record holds (read by the torch-free reader: nothing
+    is run) and how to load anyway."""
     from fastckpt.inspection import tensors_by_record, tree_of
 
-    text = str(error)
-    m = re.search(r"record '(data/[^']+)'", text)
-    if m:
+    text, keys = str(error), error.keys
+    if not keys and error.record is not None and error.record.startswith("data/"):
         try:
-            paths = tensors_by_record(tree_of(archive)).get(m.group(1), [])
+            keys = tuple(tensors_by_record(tree_of(archive)).get(error.record, []))
         except CheckpointError:
-            paths = []
-        if paths:
-            text += f"\nIt holds the tensor(s): {', '.join(paths[:4])}."
-    return text + "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
-                  "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+            keys = ()
+        if keys:
+            text += f"\nIt holds the tensor(s): {', '.join(keys[:4])}."
+    text += "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
+            "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+    return IntegrityError(text, record=error.record, keys=keys)
 
 
 def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=None, threads=None,
@@ -313,4 +312,4 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
             staging_bytes=staging_bytes,
         )
     except IntegrityError as e:
-        raise IntegrityError(_integrity_message(e, archive)) from None
+        raise _with_tensors(e, archive) from None
