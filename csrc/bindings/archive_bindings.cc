@@ -38,12 +38,18 @@ void raise_os_error(int code, const std::string& filename) {
   throw py::error_already_set();
 }
 
+void raise_os_error(int code, const FsPath& path) {
+  py::object args = py::make_tuple(code, std::strerror(code), path.given);
+  PyErr_SetObject(PyExc_OSError, args.ptr());
+  throw py::error_already_set();
+}
+
 namespace {
 
 // Maps (via `map`, which may throw std::system_error) and indexes a file with
 // the GIL released; OS errors become OSError naming `name`.
-template <class Map>
-std::shared_ptr<Archive> index_file(Map map, const std::string& name) {
+template <class Map, class Name>
+std::shared_ptr<Archive> index_file(Map map, const Name& name) {
   std::shared_ptr<FileMemory> file;
   int os_error = 0;
   {
@@ -77,7 +83,7 @@ void register_archive(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const std::system_error& e) {
-      py::object args = py::make_tuple(e.code().value(), e.what());
+      py::object args = py::make_tuple(e.code().value(), message_text(e.what()));
       PyErr_SetObject(PyExc_OSError, args.ptr());
     }
   });
@@ -158,8 +164,8 @@ void register_archive(py::module_& m) {
   py::class_<Archive, std::shared_ptr<Archive>>(m, "Archive")
       .def_static(
           "open",
-          [](const std::string& path) {
-            return index_file([&] { return FileMemory::open(path); }, path);
+          [](const FsPath& path) {
+            return index_file([&] { return FileMemory::open(path.native); }, path);
           },
           py::arg("path"), "Map the file at `path` and index it (GIL released).")
       .def_static(
@@ -182,7 +188,13 @@ void register_archive(py::module_& m) {
           py::arg("buffer"), "Index an in-memory archive filled through allocate().")
       .def_property_readonly("prefix", [](const Archive& a) { return a.index.prefix(); })
       .def_property_readonly("size", [](const Archive& a) { return a.file->size(); })
-      .def_property_readonly("path", [](const Archive& a) { return a.file->path(); })
+      .def_property_readonly("path",
+                             [](const Archive& a) {
+                               const std::string& p = a.file->path();  // as given: file-system bytes
+                               PyObject* s = PyUnicode_DecodeFSDefaultAndSize(p.data(), static_cast<Py_ssize_t>(p.size()));
+                               if (s == nullptr) throw py::error_already_set();
+                               return py::reinterpret_steal<py::str>(s);
+                             })
       .def_property_readonly("central_directory_offset",
                              [](const Archive& a) { return a.index.central_directory_offset(); })
       .def("records",

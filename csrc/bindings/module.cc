@@ -30,11 +30,11 @@ const char* exception_name(ErrorKind kind) {
 // (IntegrityError.record / .keys), set here rather than parsed from the text.
 void translate(const Error& e) {
   py::object cls = py::module_::import("fastckpt.errors").attr(exception_name(e.kind()));
+  py::object exc = cls(message_text(e.what()));
   if (e.record().empty()) {
-    PyErr_SetString(cls.ptr(), e.what());
+    PyErr_SetObject(cls.ptr(), exc.ptr());
     return;
   }
-  py::object exc = cls(e.what());
   exc.attr("record") = e.record();
   exc.attr("keys") = py::tuple(py::cast(e.keys()));
   PyErr_SetObject(cls.ptr(), exc.ptr());
