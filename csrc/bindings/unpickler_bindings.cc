@@ -567,12 +567,21 @@ void register_unpickler(py::module_& m) {
         PyBuilder builder(ctx, plan);
         PickleLimits limits;
         PickleMachine<PyBuilder> machine(builder, limits);
-        PyValue result = machine.run(data.data(), data.size());
-        return builder.finish(result, limits.max_depth);
+        try {
+          PyValue result = machine.run(data.data(), data.size());
+          return builder.finish(result, limits.max_depth);
+        } catch (const py::error_already_set&) {  // fetched: no Python error is pending
+          ctx.attr("failed_at") = machine.position();
+          throw;
+        } catch (const Error&) {
+          ctx.attr("failed_at") = machine.position();
+          throw;
+        }
       },
       py::arg("pickle"), py::arg("ctx"), py::arg("plan"),
       "Run the restricted pickle machine over `pickle` with the policy `ctx`. Storages the plan makes "
-      "natively are CPU storages over its bytes; `ctx.persistent_load` makes the others.");
+      "natively are CPU storages over its bytes; `ctx.persistent_load` makes the others. On an error, "
+      "`ctx.failed_at` is the byte offset of the opcode that was running.");
 }
 
 }  // namespace fastckpt::bindings

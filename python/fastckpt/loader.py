@@ -120,7 +120,7 @@ def _unpickle_natively(data_pickle: bytes, ctx, plan):
     try:
         return _native.unpickle(data_pickle, ctx, plan)
     except UnpicklingError as e:
-        raise type(e)(ctx.message(str(e))) from None
+        raise type(e)(ctx.message(str(e), data_pickle)) from None
     finally:
         if gc_was_enabled:
             gc.enable()
