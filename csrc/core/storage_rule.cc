@@ -40,8 +40,8 @@ StorageId judge_persistent_id(const PersistentId& pid) {
     fail(ErrorKind::UnsafeGlobal, "persistent id must be a 5-tuple ('storage', type, key, location, numel), got " +
                                       (pid.tuple ? "a tuple of " + std::to_string(pid.count) + " items" : pid.what));
   const PidItem* t = pid.items;
-  std::string tag;
-  if (!as_text(t[0], &tag) || tag != "storage")
+  const bool text_tag = t[0].kind == PidItem::Kind::Text || t[0].kind == PidItem::Kind::Bytes;
+  if (!text_tag || t[0].text != "storage")  // bytes: ASCII, as the tag is
     fail(ErrorKind::UnsafeGlobal, "only persistent ids of storages are allowed, got one tagged " + describe(t[0]));
   StorageId id;
   if (t[2].kind != PidItem::Kind::Text) fail(ErrorKind::Metadata, "storage key is " + describe(t[2]) + ", not a string");
