@@ -125,7 +125,7 @@ def convert(src, dst, *, max_shard_size=None, drop_non_tensors: bool = False, pr
         if not allow_expansion:
             _check_expansion(jobs, sum(st.st_size for st in sources))
         protected = {(st.st_dev, st.st_ino) for st in sources}
-        shards = _split(jobs, None if max_shard_size is None else parse_size(max_shard_size))
+        shards = _split_into_shards(jobs, None if max_shard_size is None else parse_size(max_shard_size))
         if len(shards) == 1:
             _refuse_source(dst, protected)
             _write_file(dst, shards[0], progress, check_crc)
@@ -157,7 +157,7 @@ def _refuse_source(path: str, protected: set) -> None:
                          "convert into another file")
 
 
-def _split(jobs: list[_Job], max_bytes: int | None) -> list[list[_Job]]:
+def _split_into_shards(jobs: list[_Job], max_bytes: int | None) -> list[list[_Job]]:
     """The jobs in consecutive groups (one safetensors file each) of at most `max_bytes` (or one job)."""
     shards: list[list[_Job]] = [[]]
     size = 0
@@ -353,4 +353,4 @@ def _copy(out, job: _Job, offset: int, nbytes: int, chunk: bytearray, progress) 
 
 
 def _check(job: _Job, computed: int) -> None:
-    check_storage_crc(job.source.archive, job.info.storage.record, computed, job.key, f" of {job.source.path}")
+    check_storage_crc(job.source.archive, job.info.storage.record, computed, job.key)

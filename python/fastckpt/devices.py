@@ -288,7 +288,7 @@ def backend_for(device_type: str):
     return _BACKENDS.get(device_type)
 
 
-# ---- the plan ----------------------------------------------------------------------------------
+# ---- what is staged ----------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -387,7 +387,7 @@ def plan_staging(archive, data_pickle: bytes, map_location, plan, *, staging_byt
     return Stager(archive, staged, backends.pop(), staging_bytes=staging_bytes, check_crc=check_crc, threads=threads)
 
 
-def _plan_chunks(staged, slot_bytes: int):
+def _staging_chunks(staged, slot_bytes: int):
     """Blocks per key and chunks in file order; packed storages share a block and a chunk."""
     blocks: dict[str, _Block] = {}
     chunks: list[_Chunk] = []
@@ -431,7 +431,7 @@ class Stager:
         self._backend = backend
         self._check_crc = check_crc
         self._threads = threads
-        self._blocks, self._chunks = _plan_chunks(staged, _slot_bytes(staging_bytes))
+        self._blocks, self._chunks = _staging_chunks(staged, _slot_bytes(staging_bytes))
         self._devices = sorted({d for _, _, _, d in staged}, key=str)
         self._slot_bytes = max((c.nbytes for c in self._chunks), default=0)
         self._lock = threading.Lock()  # block allocation: the unpickling and the stager both ask

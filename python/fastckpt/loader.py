@@ -8,7 +8,6 @@ import gc
 import io
 import os
 import pickle
-import re
 import sys
 import warnings
 
@@ -98,7 +97,7 @@ def _unpickle_natively(data_pickle: bytes, ctx, plan):
     try:
         return _native.unpickle(data_pickle, ctx, plan)
     except UnpicklingError as e:
-        raise type(e)(ctx.message(str(e))) from None
+        raise type(e)(ctx.message(str(e), data_pickle)) from None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -146,7 +145,7 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
     if torch.serialization._is_meta_location(map_location):
         mode = StoragePlan.Mode.meta
     else:
-        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.arena
+        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.eager
     targets = str(map_location) if isinstance(map_location, torch.device) else map_location
     # Swapped bytes, or a deserializer registered ahead of torch's, leave every storage to Python.
     plan = StoragePlan(archive, mode, targets, native_cpu=not byteswap and default_deserializers_first())
@@ -212,20 +211,20 @@ def _validate_sparse_tensors() -> None:
         raise MetadataError(f"invalid sparse tensor: {e}") from e
 
 
-def _integrity_message(error: IntegrityError, archive) -> str:
-    """Adds the tensors the bad record belongs to (read by the torch-free reader: nothing is run)
-    and how to load anyway."""
-    text = str(error)
-    m = re.search(r"record '(data/[^']+)'", text)
-    if m:
+def _with_tensors(error: IntegrityError, archive) -> IntegrityError:
+    """The error again, naming the tensors its record holds (read by the torch-free reader: nothing
+    is run) and how to load anyway."""
+    text, keys = str(error), error.keys
+    if not keys and error.record is not None and error.record.startswith("data/"):
         try:
-            paths = tensors_by_record(tree_of(archive)).get(m.group(1), [])
+            keys = tuple(tensors_by_record(tree_of(archive)).get(error.record, []))
         except CheckpointError:
-            paths = []
-        if paths:
-            text += f"\nIt holds the tensor(s): {', '.join(paths[:4])}."
-    return text + "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
-                  "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+            keys = ()
+        if keys:
+            text += f"\nIt holds the tensor(s): {', '.join(keys[:4])}."
+    text += "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
+            "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+    return IntegrityError(text, record=error.record, keys=keys)
 
 
 def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=None, threads=None,
@@ -274,7 +273,7 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
             staging_bytes=staging_bytes,
         )
     except IntegrityError as e:
-        raise IntegrityError(_integrity_message(e, archive)) from None
+        raise _with_tensors(e, archive) from None
 
 
 def load_sharded(path, *, threads: int | None = None, **load_kwargs) -> dict:

@@ -51,10 +51,10 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
         ceilings = call_python("fastckpt.bench.ceilings", {
             "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES,
             "cold": cold})
-    plan = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
-    runs = sum(len(case_contenders(m, device, config.contenders)) for m, device, _ in plan)
+    grid = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
+    runs = sum(len(case_contenders(m, device, config.contenders)) for m, device, _ in grid)
     progress = _Progress(runs * config.rounds, log)
-    cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in plan]
+    cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in grid]
     results = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
