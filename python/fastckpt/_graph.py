@@ -163,6 +163,28 @@ def distinct_leaves(root, is_leaf: Callable, *, max_entries: int = MAX_ENTRIES) 
     return out
 
 
+def members(root, *, max_entries: int = MAX_ENTRIES) -> Iterator:
+    """Every object in `root` that is not a dict / list / tuple, once per place it sits in a container
+    (each container expanded once, by id), in tree order; `root` itself when it is not one.
+
+    No paths and no events: cheap enough for a loop over every tensor of a timed load. LimitError
+    after `max_entries` entries.
+    """
+    expanded: set[int] = set()  # ids of containers (the graph holds them alive)
+    stack = [root]
+    entries = 0
+    while stack:
+        obj = stack.pop()
+        entries += 1
+        if entries > max_entries:
+            raise LimitError(f"the object graph has more than {max_entries:,d} entries")
+        if not _is_container(obj):
+            yield obj
+        elif id(obj) not in expanded:
+            expanded.add(id(obj))
+            stack.extend(reversed(obj.values() if isinstance(obj, dict) else obj))
+
+
 DROPPED = object()  # what without_leaves returns for a graph that was only leaves
 
 
