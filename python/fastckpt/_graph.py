@@ -11,6 +11,8 @@ named at every place it sits in an expanded container, so tied weights keep both
 one object, as ``torch.load`` returns it, and is expanded under its first path only.
 
 Torch-free: what is a container or a leaf is the caller's ``children`` / ``is_leaf``.
+:func:`members` is the same walk without paths or events, for loops over every tensor that are
+timed (the benchmark's page touching).
 """
 
 from __future__ import annotations
