@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 import zipfile
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from fastckpt.bench import ceilings, cli, coldcache, generate, summary, worker  # noqa: E402
+from fastckpt.bench import ceilings, cli, coldcache, digest, generate, runner, summary, worker  # noqa: E402
 from fastckpt.bench.generate import BenchError  # noqa: E402
+
+from test_graph import assert_ok, run_isolated  # noqa: E402
 
 # --------------------------------------------------------------------------- generator
 
@@ -120,6 +124,82 @@ def test_touch_counts_the_bytes_of_every_tensor_once():
     obj = {"a": base, "view": base[10:20], "strided": base[::3], "b": [torch.ones(3, dtype=torch.bfloat16)],
            "empty": torch.empty(0), "n": 3, "t": (tail, tail[4:])}
     assert worker.touch(obj) == base.untyped_storage().nbytes() + 6 + tail.nbytes
+
+
+# --------------------------------------------------------------------------- hostile graphs (issue 23, class 1)
+
+HOSTILE = """
+import torch
+x = torch.arange(4.0)
+for _ in range(40):
+    x = [x, x]  # 2^40 paths to one tensor, 41 objects
+loop = [torch.ones(2)]
+loop.append(loop)  # a list holding itself
+obj = {"w": x, "loop": loop, "epoch": 3}
+"""
+
+
+def test_digest_and_touch_of_shared_and_cyclic_graphs_return_quickly():
+    # In a subprocess under a timeout and a memory cap: a tree walk would run until killed.
+    result = run_isolated(HOSTILE + """
+from fastckpt.bench import digest, worker
+d = digest.digest(obj)
+assert (d["n_tensors"], d["n_storages"]) == (3, 2), d  # the shared tensor under its 2 first paths, loop's
+assert [p for p, _ in digest.flatten(obj)] == ["w" + ".0" * 40, "w" + ".0" * 39 + ".1", "loop.0", "epoch"]
+assert worker.touch(obj) == 16 + 8
+assert digest.digest(obj) == d
+print("ok")
+""")
+    assert_ok(result)
+
+
+def test_digest_tells_a_shared_container_from_two_equal_ones():
+    t = torch.ones(2)
+    block = {"w": t}
+    shared, copied = {"a": block, "b": block}, {"a": block, "b": {"w": t}}
+    assert digest.digest(shared)["structure"] != digest.digest(copied)["structure"]
+    again = {"w": t}
+    assert digest.digest(shared) == digest.digest({"a": again, "b": again})
+    looped = [t]
+    looped.append(looped)
+    other = [t]
+    other.append([t, other])
+    assert digest.digest(looped)["structure"] != digest.digest(other)["structure"]
+
+
+@pytest.mark.timeout(600)
+def test_bench_of_a_hostile_file_finishes(tmp_path):
+    code = HOSTILE + f"torch.save(obj, {str(tmp_path / 'hostile.pt')!r})\nprint('ok')\n"
+    assert_ok(run_isolated(code))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastckpt", "bench", str(tmp_path / "hostile.pt"), "--contenders",
+                               "fastckpt,torch", "--rounds", "1", "--mode", "warm", "--device", "cpu",
+                               "--no-ceilings", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                              capture_output=True, text=True, timeout=300, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("fastckpt bench of a 2^40-path graph did not finish in 300 s")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    samples = results["cases"][0]["samples"]
+    assert sorted(s["contender"] for s in samples) == ["fastckpt", "torch"]
+    assert all(s["status"] == "ok" and s["correct"] is True for s in samples), samples
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_never_gets_ready_is_killed(tmp_path, monkeypatch):
+    (tmp_path / "hangs_at_import.py").write_text("import time\ntime.sleep(3600)\n")
+    (tmp_path / "chatty.py").write_text("print('a line before ready', flush=True)\n"
+                                        "def load(path, location):\n    return {}\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    monkeypatch.setattr(runner, "READY_TIMEOUT_S", 3)
+    torch.save({}, tmp_path / "empty.pt")
+    requests = [{"contender": c, "path": str(tmp_path / "empty.pt"), "device": "cpu", "cold": False}
+                for c in ("hangs_at_import:load", "chatty:load")]
+    hung, chatty = list(runner.run_batch(requests))
+    assert hung == {"status": "error", "error": "not ready after 3 s (importing or preparing the contender)"}
+    assert chatty["status"] == "ok", chatty
 
 
 # --------------------------------------------------------------------------- ceilings

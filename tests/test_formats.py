@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -269,6 +270,86 @@ def test_open_and_load_sharded_agree(tmp_path, case):
         return
     assert opened[0] is FormatError and loaded[0] is FormatError, (opened, loaded)
     assert "pytorch_model-00001-of-00003.bin" in opened[1] and "pytorch_model-00001-of-00003.bin" in loaded[1]
+
+
+def _write_kind(path, kind):
+    """A file of `kind` at `path` (what a shard of a sharded checkpoint must not be)."""
+    state = {"w": torch.ones(3)}
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    elif kind == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    elif kind == "tar":
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+            info = tarfile.TarInfo("storages")
+            info.size = 4
+            t.addfile(info, io.BytesIO(b"abcd"))
+    elif kind == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        path.write_bytes({"empty": b"", "unknown": b"not a checkpoint" * 8}[kind])
+
+
+def _plan(folder):
+    from fastckpt.distributed.plan import make_plan
+
+    return make_plan(str(folder), 2)
+
+
+SHARD_SURFACES = {
+    "load_sharded": fastckpt.load_sharded,
+    "load_sharded(weights_only=False, mmap=True)": lambda folder: fastckpt.load_sharded(folder, weights_only=False,
+                                                                                        mmap=True),
+    "open": _open_all,
+    "distributed plan": _plan,
+}
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "legacy", "tar", "safetensors", "empty", "unknown"])
+@pytest.mark.parametrize("surface", list(SHARD_SURFACES))
+def test_a_shard_that_is_not_a_zip_checkpoint_is_refused_by_every_surface(tmp_path, kind, surface):
+    # torch.load would read a TorchScript, legacy or tar shard (or raise its own RuntimeError): a
+    # shard is refused by one rule, with a FormatError naming it, whichever surface reads it.
+    folder = save_sharded(tmp_path, _state())
+    shard = folder / "pytorch_model-00002-of-00003.bin"
+    _write_kind(shard, kind)
+    with pytest.raises(FormatError) as e:
+        SHARD_SURFACES[surface](folder)
+    assert str(e.value).startswith(f"shard {shard} is "), str(e.value)
+    assert "not a torch.save zip checkpoint" in str(e.value)
+
+
+def test_shard_rule_is_about_content_not_names(tmp_path):
+    # A zip checkpoint under a .safetensors name is a checkpoint for every surface alike.
+    folder = save_sharded(tmp_path, _state())
+    index_path = folder / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    old = "pytorch_model-00002-of-00003.bin"
+    os.rename(folder / old, folder / "renamed.safetensors")
+    index["weight_map"] = {k: "renamed.safetensors" if v == old else v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    loaded, opened = fastckpt.load_sharded(folder), _open_all(folder)
+    assert set(loaded) == set(opened) == set(_state())
+    assert all(torch.equal(loaded[k], opened[k]) and torch.equal(loaded[k], v) for k, v in _state().items())
+    assert _plan(folder)["kind"] == "sharded"
+
+
+def test_require_checkpoint_names_every_kind():
+    for kind in Kind:
+        if kind is Kind.ZIP:
+            _formats.require_checkpoint("x.pt", kind)
+            continue
+        with pytest.raises(FormatError, match="^" + re.escape(f"shard x.pt is {kind.description}, not a torch.save")):
+            _formats.require_checkpoint("x.pt", kind, shard=True)
+
+
+def test_open_names_the_kind_of_a_single_file_it_cannot_read(tmp_path):
+    for kind in ("torchscript", "legacy", "tar", "empty"):
+        _write_kind(tmp_path / f"{kind}.pt", kind)
+        with pytest.raises(FormatError, match=f"^{re.escape(str(tmp_path / kind))}.pt is .*not a torch.save zip checkpoint$"):
+            fastckpt.open(tmp_path / f"{kind}.pt")
 
 
 # --------------------------------------------------------------------------- verify, resolved once

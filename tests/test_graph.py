@@ -114,6 +114,19 @@ def test_output_is_bounded():
     assert shown[-1].size == 7
 
 
+@pytest.mark.timeout(120)
+def test_members_visit_each_container_once():
+    leaf, other = Leaf(), Leaf()
+    assert list(_graph.members(paths_2_to_the(40, leaf))) == [leaf, leaf]  # x = [leaf, leaf] at the bottom
+    a = [leaf, 1]
+    a.append(a)
+    assert list(_graph.members({"a": a, "t": (other, a), "s": "text"})) == [leaf, 1, other, "text"]
+    assert list(_graph.members(leaf)) == [leaf]
+    assert len(list(_graph.members(nested(200_000, leaf)))) == 1
+    with pytest.raises(LimitError, match="more than 100 entries"):
+        list(_graph.members([Leaf() for _ in range(1000)], max_entries=100))
+
+
 def test_naming_rule():
     """A leaf is named wherever it sits (tied weights); a container saved twice is one object, named once."""
     tied, other = Leaf(), Leaf()

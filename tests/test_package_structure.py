@@ -1,10 +1,15 @@
 """The package's structure rules, read from its source (nothing is imported):
 
-- no import cycle between fastckpt's modules (imports inside functions count too: a cycle
-  hidden in a function is still a cycle of concepts);
+- no import cycle between fastckpt's modules (imports inside functions, and
+  ``importlib.import_module("fastckpt.x")`` / ``__import__`` of a constant name, count too: a
+  cycle hidden in a function is still a cycle of concepts, so no local import can dodge one);
 - no module uses another module's `_private` names (`mod._name` on an imported fastckpt module,
-  or `from fastckpt.mod import _name`): what several modules need has a public-internal name;
-- one owner per rule: the TorchScript test and the index reader are written once.
+  also spelled `fastckpt.mod._name` or `getattr(mod, "_name")`, or `from fastckpt.mod import
+  _name`), nor a `_private` method of another module's classes through an instance
+  (`reader._descriptor(...)`): what several modules need has a public-internal name;
+- one owner per rule: the TorchScript test and the index reader are written once, and only
+  `_graph` walks a loaded object graph (no other function recurses into, or keeps a stack of,
+  dict / list / tuple values).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def _imports(name: str, tree: ast.Module, known: set[str]):
     aliases: dict[str, str] = {}
     private: list[tuple[str, int]] = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _dynamic_import(node) in known:
+            edges.add(_dynamic_import(node))
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name in known:
@@ -52,15 +59,46 @@ def _imports(name: str, tree: ast.Module, known: set[str]):
                     if a.name.startswith("_") and not a.name.startswith("__") and base != name:
                         private.append((f"{base}.{a.name}", node.lineno))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
-            module = aliases[node.value.id]
-            if f"{module}.{node.attr}" not in known and module != name:
-                private.append((f"{module}.{node.attr}", node.lineno))
+        used = None
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            used = (_dotted(node.value, aliases, known), node.attr)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and _is_private(node.args[1].value)):
+            used = (_dotted(node.args[0], aliases, known), node.args[1].value)
+        if used and used[0] is not None:
+            module, attr = used
+            if f"{module}.{attr}" not in known and module != name:
+                private.append((f"{module}.{attr}", node.lineno))
     edges.discard(name)
     # A package's modules import it first; that is no dependency on its __init__'s own imports.
     edges -= {m for m in edges if name.startswith(m + ".")}
     return edges, private
+
+
+def _is_private(attr: str) -> bool:
+    return attr.startswith("_") and not attr.startswith("__")
+
+
+def _dynamic_import(call: ast.Call) -> str | None:
+    """The module named by ``importlib.import_module("x")`` or ``__import__("x")``, else None."""
+    f = call.func
+    named = (isinstance(f, ast.Name) and f.id in ("__import__", "import_module")) or (
+        isinstance(f, ast.Attribute) and f.attr == "import_module")
+    if named and call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str):
+        return call.args[0].value
+    return None
+
+
+def _dotted(node, aliases: dict[str, str], known: set[str]) -> str | None:
+    """The fastckpt module an expression names (`loader`, `fastckpt.loader`), else None."""
+    if isinstance(node, ast.Name):
+        return aliases.get(node.id, node.id if node.id == "fastckpt" and "fastckpt" in known else None)
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value, aliases, known)
+        if base is not None and f"{base}.{node.attr}" in known:
+            return f"{base}.{node.attr}"
+    return None
 
 
 def _graph():
@@ -125,6 +163,91 @@ def test_the_checker_finds_cycles_and_private_uses():
     edges, private = _imports("fastckpt.cli", tree, known)
     assert edges == {"fastckpt.loader", "fastckpt.reader"}
     assert sorted(private) == [("fastckpt.loader._load_archive", 3), ("fastckpt.reader._x", 2)]
+
+
+def _private_methods(tree: ast.Module) -> set[str]:
+    """The `_private` methods (and properties) defined in the module's classes."""
+    return {item.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef) for item in node.body
+            if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _is_private(item.name)}
+
+
+def _defined_names(tree: ast.Module) -> set[str]:
+    """Every name the module defines: functions, classes, assigned names and attributes."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.add(node.attr)
+    return out
+
+
+def _private_method_uses(modules: dict[str, ast.Module]) -> dict[str, list[tuple[str, int]]]:
+    """{module: [(`_method` of another module's class called on an object, line)]}: `obj._m` where
+    `_m` is a private method of a class defined elsewhere in the package and nowhere in the module."""
+    owners: dict[str, set[str]] = {}
+    for name, tree in modules.items():
+        for method in _private_methods(tree):
+            owners.setdefault(method, set()).add(name)
+    found = {}
+    for name, tree in modules.items():
+        mine = _defined_names(tree)
+        uses = [(f"{'/'.join(sorted(owners[n.attr]))}.{n.attr}", n.lineno) for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Load) and n.attr in owners
+                and n.attr not in mine and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))]
+        if uses:
+            found[name] = uses
+    return found
+
+
+def test_no_module_calls_private_methods_of_another_modules_classes():
+    assert _private_method_uses(_modules()) == {}
+
+
+def _walks_containers(fn: ast.FunctionDef) -> bool:
+    """Whether `fn` tests for dict / list / tuple and goes down into them by itself: it calls itself,
+    or pops a work list in a loop."""
+    tests = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "isinstance"
+                and len(n.args) == 2 and {"dict", "list", "tuple"} & {x.id for x in ast.walk(n.args[1])
+                                                                      if isinstance(x, ast.Name)}
+                for n in ast.walk(fn))
+    calls = {n.func.id if isinstance(n.func, ast.Name) else None for n in ast.walk(fn) if isinstance(n, ast.Call)}
+    pops = any(isinstance(loop, ast.While) and any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                                                   and n.func.attr == "pop" for n in ast.walk(loop))
+               for loop in ast.walk(fn))
+    return tests and (fn.name in calls or pops)
+
+
+def _graph_walks(modules: dict[str, ast.Module]) -> list[str]:
+    return sorted(f"{name}.{fn.name}" for name, tree in modules.items() if name != "fastckpt._graph"
+                  for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and _walks_containers(fn))
+
+
+def test_only_graph_walks_a_loaded_object_graph():
+    # A pickle builds a graph (shared references, cycles), not a tree: every walk goes through
+    # fastckpt._graph, which visits each container once, iteratively and within bounds.
+    assert _graph_walks(_modules()) == []
+
+
+def test_the_checker_finds_dodges_private_methods_and_walks():
+    known = {"fastckpt", "fastckpt.loader", "fastckpt.reader", "fastckpt.cli"}
+    tree = ast.parse("import fastckpt.loader\nimport importlib\ndef f():\n    importlib.import_module('fastckpt.reader')\n"
+                     "    getattr(fastckpt.loader, '_plan')\n    return fastckpt.loader._load()\n")
+    edges, private = _imports("fastckpt.cli", tree, known)
+    assert edges == {"fastckpt.loader", "fastckpt.reader"}
+    assert sorted(private) == [("fastckpt.loader._load", 6), ("fastckpt.loader._plan", 5)]
+    modules = {"fastckpt.reader": ast.parse("class R:\n    def _descriptor(self):\n        pass\n"),
+               "fastckpt.cli": ast.parse("def f(r):\n    return r._descriptor()\n")}
+    assert _private_method_uses(modules) == {"fastckpt.cli": [("fastckpt.reader._descriptor", 2)]}
+    walks = {"fastckpt.bench.digest": ast.parse(
+        "def flatten(o):\n    if isinstance(o, dict):\n        for v in o.values():\n            yield from flatten(v)\n"
+        "def touch(o):\n    stack = [o]\n    while stack:\n        x = stack.pop()\n"
+        "        if isinstance(x, (list, tuple)):\n            stack.extend(x)\n"),
+        "fastckpt._graph": ast.parse("def walk(o):\n    return walk(o) if isinstance(o, dict) else o\n")}
+    assert _graph_walks(walks) == ["fastckpt.bench.digest.flatten", "fastckpt.bench.digest.touch"]
 
 
 def test_one_torchscript_test_and_one_index_reader():

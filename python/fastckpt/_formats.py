@@ -51,6 +51,22 @@ class Kind(enum.Enum):
         """Formats torch.load reads that fastckpt hands to it rather than reading natively."""
         return self in (Kind.LEGACY, Kind.TAR, Kind.TORCHSCRIPT)
 
+    @property
+    def description(self) -> str:
+        """What a file of this kind is, for messages ("... is <description>")."""
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Kind.ZIP: "a torch.save zip checkpoint",
+    Kind.TORCHSCRIPT: "a TorchScript archive (torch.jit.save)",
+    Kind.LEGACY: "a legacy (non-zip, before torch 1.6) torch.save file",
+    Kind.TAR: "a tar-format torch.save file (torch < 0.4)",
+    Kind.SAFETENSORS: "a safetensors file",
+    Kind.EMPTY: "empty (0 bytes)",
+    Kind.UNKNOWN: "not a checkpoint (no zip, legacy torch.save, tar or safetensors header)",
+}
+
 
 def _is_path(f) -> bool:
     return isinstance(f, (str, bytes, os.PathLike))
@@ -120,6 +136,20 @@ def is_torchscript(names) -> bool:
 def kind_of_archive(archive) -> Kind:
     """:attr:`Kind.TORCHSCRIPT` or :attr:`Kind.ZIP` for an opened archive."""
     return Kind.TORCHSCRIPT if is_torchscript(archive) else Kind.ZIP
+
+
+def require_checkpoint(path, kind: Kind, *, shard: bool = False) -> None:
+    """The rule for a file that fastckpt reads natively only: a torch.save zip checkpoint (Kind.ZIP).
+
+    Applies to what ``fastckpt.open`` and ``convert`` read, and to every shard of a sharded
+    checkpoint, whichever surface reads it (``load_sharded``, ``open``, ``distributed.load``): a
+    shard of another kind (TorchScript, legacy, tar, safetensors...) is refused, never handed to
+    torch.load. FormatError naming the file (as a shard with `shard`) and what it is.
+    """
+    if kind is not Kind.ZIP:
+        what = "shard " if shard else ""
+        raise FormatError(f"{what}{os.fspath(path)} is {kind.description}, not a torch.save zip checkpoint"
+                          + ("; every shard of a sharded checkpoint must be one" if shard else ""))
 
 
 def not_a_checkpoint(head: bytes, size: int, what: str = "the file") -> FormatError:

@@ -11,6 +11,8 @@ named at every place it sits in an expanded container, so tied weights keep both
 one object, as ``torch.load`` returns it, and is expanded under its first path only.
 
 Torch-free: what is a container or a leaf is the caller's ``children`` / ``is_leaf``.
+:func:`members` is the same walk without paths or events, for loops over every tensor that are
+timed (the benchmark's page touching).
 """
 
 from __future__ import annotations
@@ -161,6 +163,28 @@ def distinct_leaves(root, is_leaf: Callable, *, max_entries: int = MAX_ENTRIES) 
             ids.add(id(obj))
             out.append(obj)
     return out
+
+
+def members(root, *, max_entries: int = MAX_ENTRIES) -> Iterator:
+    """Every object in `root` that is not a dict / list / tuple, once per place it sits in a container
+    (each container expanded once, by id), in tree order; `root` itself when it is not one.
+
+    No paths and no events: cheap enough for a loop over every tensor of a timed load. LimitError
+    after `max_entries` entries.
+    """
+    expanded: set[int] = set()  # ids of containers (the graph holds them alive)
+    stack = [root]
+    entries = 0
+    while stack:
+        obj = stack.pop()
+        entries += 1
+        if entries > max_entries:
+            raise LimitError(f"the object graph has more than {max_entries:,d} entries")
+        if not _is_container(obj):
+            yield obj
+        elif id(obj) not in expanded:
+            expanded.add(id(obj))
+            stack.extend(reversed(obj.values() if isinstance(obj, dict) else obj))
 
 
 DROPPED = object()  # what without_leaves returns for a graph that was only leaves

@@ -8,8 +8,9 @@ meanwhile is not read, and one truncated in place ends a read with an error inst
 from __future__ import annotations
 
 import os
+import stat
 
-from fastckpt import _native
+from fastckpt import _formats, _native
 from fastckpt.errors import FormatError
 
 
@@ -40,6 +41,16 @@ class Source:
         if self._archive is None:
             self._archive = _native.Archive.open_fd(self.fd, 0, self.path)
         return self._archive
+
+    def kind(self) -> _formats.Kind:
+        """What the file is (:func:`_formats.sniff`'s answer), read through this descriptor: a zip's
+        kind from the archive indexed from it. A file that is not a regular file is left to the
+        archive to refuse."""
+        if stat.S_ISREG(self.stat.st_mode):
+            kind = _formats.kind_of_head(os.pread(self.fd, _formats.SNIFF_BYTES, 0), self.stat.st_size)
+            if kind is not _formats.Kind.ZIP:
+                return kind
+        return _formats.kind_of_archive(self.archive)
 
     @property
     def identity(self) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import concurrent.futures
 import gc
+import inspect
 import io
 import os
 import pickle
@@ -20,9 +21,12 @@ from fastckpt._formats import (
     find_index,
     head_of,
     is_torchscript,
+    kind_of_archive,
     kind_of_head,
     not_a_checkpoint,
     read_index,
+    require_checkpoint,
+    sniff,
 )
 from fastckpt._native import StoragePlan
 from fastckpt._options import resolve_verify
@@ -59,12 +63,13 @@ def _kind(f) -> Kind:
     return kind
 
 
-def handed_to_torch(f, mmap) -> bool:
-    """Inputs torch.load handles in ways fastckpt does not reproduce natively (TorchScript, found
-    only once the archive is open, included)."""
-    if _is_path(f) and os.fspath(f).endswith(".safetensors"):
-        return True
-    if _kind(f).torch_reads:
+def handed_to_torch(f, mmap, *, shard: bool = False) -> bool:
+    """Inputs torch.load handles in ways fastckpt does not reproduce natively (but TorchScript, which
+    is found only once the archive is open). A shard (`shard`, which the caller has found to start
+    as a zip) is judged by its content alone: its name is not looked at."""
+    if not shard and _is_path(f) and os.fspath(f).endswith(".safetensors"):
+        return True  # torch.load reads those with safetensors
+    if not shard and _kind(f).torch_reads:
         return True
     if torch._guards.detect_fake_mode(None) is not None or torch.serialization._serialization_tls.skip_data:
         return True  # fake tensors and skip_data: storages that do not hold file bytes
@@ -247,16 +252,30 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     CUDA or MPS device are staged (a ring of reused, pinned buffers; default 256 MiB), whatever
     ``mmap`` says; see :mod:`fastckpt.devices`.
     """
+    return _load(f, map_location, pickle_module, weights_only, mmap, verify, threads, staging_bytes, pickle_load_args,
+                 shard=False)
+
+
+def _load(f, map_location, pickle_module, weights_only, mmap, verify, threads, staging_bytes, pickle_load_args: dict,
+          *, shard: bool):
+    """:func:`load`'s work; with `shard`, `f` is a shard of a sharded checkpoint, which must be a
+    torch.save zip checkpoint (:func:`_formats.require_checkpoint`), never handed to torch.load."""
     weights_only, pickle_module = resolve_weights_only(weights_only, pickle_module)  # first, as torch does
     staging_bytes = devices.check_staging_bytes(staging_bytes)
     if mmap is None:
         from torch.utils.serialization import config
 
         mmap = config.load.mmap
-    if handed_to_torch(f, mmap):
+    if shard:
+        require_checkpoint(f, sniff(f, records=False), shard=True)
+    if handed_to_torch(f, mmap, shard=shard):
+        if shard:  # fake tensors, skip_data, MAP_SHARED: torch's path, for a zip checkpoint only
+            require_checkpoint(f, sniff(f), shard=True)
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
     start = None if _is_path(f) else f.tell()
     archive = open_archive(f)
+    if shard:
+        require_checkpoint(f, kind_of_archive(archive), shard=True)
     if is_torchscript(archive):  # torch.load dispatches to torch.jit.load
         if start is not None:
             f.seek(start)
@@ -264,8 +283,8 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     if mmap and not _is_path(f):  # after the TorchScript check, as in torch.load
         raise ValueError("f must be a file path in order to use the mmap argument")
     if pickle_load_args and weights_only:
-        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
-    pickle_load_args.setdefault("encoding", "utf-8")
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=3)
+    pickle_load_args = dict(pickle_load_args, encoding=pickle_load_args.get("encoding", "utf-8"))
     try:
         return load_archive(
             archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
@@ -281,17 +300,25 @@ def load_sharded(path, *, threads: int | None = None, **load_kwargs) -> dict:
 
     `path`: a ``*.index.json``, its folder, or a single checkpoint file (loaded as it is). Same
     result as ``torch.load`` of each shard merged in shard-name order; every shard must hold
-    exactly the keys the index maps to it (FormatError otherwise, as ``fastckpt.open`` refuses
-    the same shard). `load_kwargs` go to every ``load`` call.
+    exactly the keys the index maps to it, and be a torch.save zip checkpoint (TorchScript, legacy
+    or any other kind is not handed to torch.load): FormatError naming the shard otherwise, as
+    ``fastckpt.open`` and ``distributed.load`` refuse the same shard. `load_kwargs` go to every
+    ``load`` call.
     """
     found = find_index(path)
     if found is None:
         return load(path, **load_kwargs)
+    args = inspect.signature(load).bind(path, **load_kwargs)  # load's arguments, checked before any read
+    args.apply_defaults()
     index = read_index(found)
     shards = list(index.shards())
+
+    def load_shard(shard):
+        return _load(**dict(args.arguments, f=index.shard_path(shard)), shard=True)
+
     workers = max(1, min(len(shards), threads or os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda shard: load(index.shard_path(shard), **load_kwargs), shards))
+        parts = list(pool.map(load_shard, shards))
     merged: dict = {}
     for shard, part in zip(shards, parts):
         check_shard(index, shard, part)

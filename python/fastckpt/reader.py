@@ -85,16 +85,19 @@ class _Slice:
 class CheckpointReader:
     """One checkpoint file, opened by :func:`open`."""
 
-    def __init__(self, path, framework: str = "numpy", *, verify=None):
+    def __init__(self, path, framework: str = "numpy", *, verify=None, shard: bool = False):
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
         self.path = os.fspath(path)
         self.framework = framework
         self._verify = resolve_verify(verify, mapped=True)
         self.source = Source(self.path)  # convert reads bytes through its descriptor
+        try:
+            _formats.require_checkpoint(self.path, self.source.kind(), shard=shard)
+        except BaseException:
+            self.source.close()
+            raise
         self.archive = self.source.archive
-        if _formats.is_torchscript(self.archive):
-            raise FormatError(f"{self.path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
         self.tree = tree_of(self.archive, placeholders=False)
         self.big_endian = byteorder_record(self.archive) == b"big"
         self._tensors = flatten(self.tree, is_descriptor)
@@ -237,8 +240,9 @@ def _to_mlx(array, key: str):
 class ShardedReader:
     """A transformers-style sharded checkpoint (``*.index.json`` + its ``weight_map``) as one reader.
 
-    Each shard is checked against the index when it is first read (:func:`_formats.check_shard`):
-    the same rule as ``fastckpt.load_sharded``'s, so both return the same tensors or both refuse.
+    Each shard is checked when it is first read (:func:`_formats.require_checkpoint`, then
+    :func:`_formats.check_shard` against the index): the same rules as ``fastckpt.load_sharded``'s
+    and ``distributed.load``'s, so all return the same tensors or all refuse.
     """
 
     def __init__(self, index, framework: str = "numpy", *, verify=None):
@@ -280,7 +284,7 @@ class ShardedReader:
             raise KeyError(f"no tensor named {key!r} in {self.path}") from None
         reader = self._readers.get(shard)
         if reader is None:
-            reader = CheckpointReader(self.index.shard_path(shard), self._framework, verify=self._verify)
+            reader = CheckpointReader(self.index.shard_path(shard), self._framework, verify=self._verify, shard=True)
             try:
                 _formats.check_shard(self.index, shard, reader.tree)
             except BaseException:

@@ -7,10 +7,12 @@ both sides of a ratio instead of one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from fastckpt.bench.contenders import Contender
 
 SCHEMA = "fastckpt-bench/1"
 WORKER_TIMEOUT_S = 3600
+READY_TIMEOUT_S = 600  # a worker's imports and setup (torch, a CUDA context), beside its batch's others
 CEILING_BYTES = 256 << 20
 
 
@@ -142,14 +145,40 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "fastckpt.bench.worker", json.dumps(request)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.early: list[str] = []  # what it printed instead of `ready` (an error found while importing)
+        self.failure: str | None = None  # why it was killed before it was ready
 
-    def wait_ready(self) -> None:
-        for line in self.proc.stdout:
-            if line.strip() == "ready":
-                return
-            self.early.append(line)
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Reads the worker's output up to its `ready` line. A worker that is not ready within
+        `timeout_s` (default READY_TIMEOUT_S) is killed (:meth:`finish` reports it); one that exits
+        first is reported by finish.
+
+        Reads the descriptor itself (os.read, lines split here), so no line can wait in a Python
+        buffer where select() does not see it, and what follows `ready` is kept for finish."""
+        timeout_s = READY_TIMEOUT_S if timeout_s is None else timeout_s
+        fd, pending = self.proc.stdout.fileno(), b""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line, newline, rest = pending.partition(b"\n")
+            if newline:
+                pending = rest
+                if line.strip() == b"ready":
+                    break
+                self.early.append((line + newline).decode("utf-8", "replace"))
+                continue
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                self.proc.kill()
+                self.proc.wait()
+                self.failure = f"not ready after {timeout_s:g} s (importing or preparing the contender)"
+                break
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:  # exited before `ready`: finish() reports its output and status
+                break
+            pending += chunk
+        self.early.append(pending.decode("utf-8", "replace"))
 
     def finish(self) -> dict:
+        if self.failure is not None:
+            return {"status": "error", "error": self.failure}
         try:  # (a worker that already exited is fine: communicate ignores the broken pipe)
             out, _ = self.proc.communicate("go\n", timeout=WORKER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -161,6 +190,9 @@ class _Worker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):  # (finish's communicate closes them; wait_ready not)
+            with contextlib.suppress(OSError):
+                pipe.close()
         self.stderr.close()
 
 

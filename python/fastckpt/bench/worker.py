@@ -19,6 +19,8 @@ import resource
 import sys
 import time
 
+from fastckpt import _graph
+
 PAGE = 4096
 
 
@@ -136,14 +138,8 @@ def touch(obj) -> int:
     import torch
 
     extents = {}  # start address -> bytes
-    stack = [obj]
-    while stack:
-        leaf = stack.pop()
-        if isinstance(leaf, dict):
-            stack.extend(leaf.values())
-        elif isinstance(leaf, (list, tuple)):
-            stack.extend(leaf)
-        elif isinstance(leaf, torch.Tensor) and leaf.is_cpu and leaf.layout == torch.strided:
+    for leaf in _graph.members(obj):  # each container once: a shared or cyclic graph is no tree
+        if isinstance(leaf, torch.Tensor) and leaf.is_cpu and leaf.layout == torch.strided:
             if leaf.is_contiguous():
                 start, nbytes = leaf.data_ptr(), leaf.nbytes
             else:  # a view with gaps: its whole storage

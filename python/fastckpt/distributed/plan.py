@@ -43,12 +43,8 @@ def _sharded_plan(index_path, ranks: int) -> dict:
     shard_names = list(index.shards())
     files = []
     for name in shard_names:
-        shard = str(index.shard_path(name))
-        if shard.endswith(".safetensors") or _formats.sniff(shard, records=False) is not _formats.Kind.ZIP:
-            raise errors.FormatError(f"shard {shard} is not a torch.save zip checkpoint")
-        with Source(shard) as source:
-            if _formats.is_torchscript(source.archive):
-                raise errors.FormatError(f"shard {shard} is a TorchScript archive, not a checkpoint")
+        with Source(index.shard_path(name)) as source:
+            _formats.require_checkpoint(source.path, source.kind(), shard=True)
             files.append(file_entry(source))
     for file, owner in zip(files, schedule.assign_whole([f["size"] for f in files], ranks)):
         file["ranges"] = [[0, owner]]
