@@ -19,6 +19,7 @@ from parity import assert_same, fastckpt_load, flip_byte, retag, save_bytes, tor
 
 import fastckpt
 from fastckpt import _native, devices
+from fastckpt.testing import FakeBackend
 from fastckpt.archive import open_archive, read_data_pickle
 
 SMALL_RING = 4 * (16 << 10)
@@ -93,7 +94,7 @@ def _assert_clean(fake, staging_bytes):
 def test_parity_under_random_delays(tmp_path, mmap, map_location):
     path = _save(tmp_path, _mixed_state())
     ref = torch_load(path, map_location="cpu", mmap=mmap).get()
-    fake = devices.FakeBackend(delay=(0, 0.003), seed=3)
+    fake = FakeBackend(delay=(0, 0.003), seed=3)
     got = _fake_load(path, fake, map_location=map_location, mmap=mmap, staging_bytes=SMALL_RING)
     assert_same(got, ref)
     assert fake.copies > 4  # packed storages plus the large one in pieces
@@ -104,7 +105,7 @@ def test_parity_under_random_delays(tmp_path, mmap, map_location):
 def test_cuda_tagged_file_with_no_map_location(tmp_path, weights_only):
     path = _save(tmp_path, _mixed_state(), cuda_tags=True)
     ref = torch_load(path, map_location="cpu", weights_only=weights_only).get()
-    fake = devices.FakeBackend(delay=(0, 0.002))
+    fake = FakeBackend(delay=(0, 0.002))
     got = _fake_load(path, fake, weights_only=weights_only, staging_bytes=SMALL_RING)
     assert_same(got, ref)
     _assert_clean(fake, SMALL_RING)
@@ -113,10 +114,10 @@ def test_cuda_tagged_file_with_no_map_location(tmp_path, weights_only):
 def test_dict_remaps_device_tags(tmp_path):
     path = _save(tmp_path, _mixed_state(), cuda_tags=True)
     ref = torch_load(path, map_location="cpu").get()
-    fake = devices.FakeBackend(device_type="mps")  # "cuda:0" -> "mps": staged by the mps backend's stand-in
+    fake = FakeBackend(device_type="mps")  # "cuda:0" -> "mps": staged by the mps backend's stand-in
     assert_same(_fake_load(path, fake, map_location={"cuda:0": "mps"}), ref)
     assert fake.copies > 0
-    fake = devices.FakeBackend()
+    fake = FakeBackend()
     assert_same(_fake_load(path, fake, map_location={"cuda:0": "cpu"}), ref)
     assert fake.copies == 0  # nothing bound for a device
 
@@ -134,7 +135,7 @@ def test_mixed_cpu_and_device_targets(tmp_path):
     finally:
         registry[:] = before
     ref = torch_load(path, map_location="cpu").get()
-    fake = devices.FakeBackend(delay=(0, 0.002))
+    fake = FakeBackend(delay=(0, 0.002))
     got = _fake_load(path, fake, staging_bytes=SMALL_RING)
     assert_same(got, ref)
     assert fake.copies >= 2
@@ -149,7 +150,7 @@ def test_callable_map_location_keeps_torchs_path(tmp_path):
         seen.append(location)
         return storage
 
-    fake = devices.FakeBackend()
+    fake = FakeBackend()
     got = _fake_load(path, fake, map_location=to_cpu)
     assert_same(got, torch_load(path, map_location=to_cpu).get())
     assert seen and fake.copies == 0
@@ -160,7 +161,7 @@ def test_ten_thousand_tiny_tensors(tmp_path, staging_bytes):
     g = torch.Generator().manual_seed(2)
     path = _save(tmp_path, {f"t{i}": torch.randn(16, generator=g) for i in range(10_000)})
     ref = torch_load(path, map_location="cpu").get()
-    fake = devices.FakeBackend(delay=(0, 0.001))
+    fake = FakeBackend(delay=(0, 0.001))
     got = _fake_load(path, fake, map_location="cuda:0", staging_bytes=staging_bytes)
     assert_same(got, ref)
     # Packed: one copy (and one device slab) per ring buffer's worth, not one per tensor.
@@ -172,7 +173,7 @@ def test_ten_thousand_tiny_tensors(tmp_path, staging_bytes):
 def test_bf16_llm_shaped(tmp_path, mmap):
     path = _save(tmp_path, _llm_state())
     ref = torch_load(path, map_location="cpu", mmap=mmap).get()
-    fake = devices.FakeBackend(delay=(0, 0.002), seed=5)
+    fake = FakeBackend(delay=(0, 0.002), seed=5)
     ring = 4 * (64 << 10)
     got = _fake_load(path, fake, map_location="cuda:0", mmap=mmap, staging_bytes=ring)
     assert_same(got, ref)
@@ -181,7 +182,7 @@ def test_bf16_llm_shaped(tmp_path, mmap):
 
 def test_large_storages_get_their_own_allocation(tmp_path):
     path = _save(tmp_path, {"big": torch.randn(1 << 19), "small": torch.randn(4), "small2": torch.randn(4)})
-    got = _fake_load(path, devices.FakeBackend(), map_location="cuda:0", staging_bytes=SMALL_RING)
+    got = _fake_load(path, FakeBackend(), map_location="cuda:0", staging_bytes=SMALL_RING)
     big = got["big"].untyped_storage()
     assert big.nbytes() == 4 << 19  # not a view of a larger slab: freeing the tensor frees it
     small, small2 = got["small"].untyped_storage(), got["small2"].untyped_storage()
@@ -198,19 +199,19 @@ def test_crc_mismatch_mid_stream(tmp_path, where):
     index = 0 if where == "packed" else 400_000 - 1
     path = tmp_path / "bad.pt"
     path.write_bytes(flip_byte(data, f"data/{key}", index))
-    fake = devices.FakeBackend(delay=(0, 0.002))
+    fake = FakeBackend(delay=(0, 0.002))
     with pytest.raises(fastckpt.IntegrityError, match=f"data/{key}"):
         _fake_load(path, fake, map_location="cuda:0", staging_bytes=SMALL_RING)
     gc.collect()
     assert fake.live_host_buffers == 0
     # verify=False loads it anyway, through the same ring
-    got = _fake_load(path, devices.FakeBackend(), map_location="cuda:0", verify=False, staging_bytes=SMALL_RING)
+    got = _fake_load(path, FakeBackend(), map_location="cuda:0", verify=False, staging_bytes=SMALL_RING)
     assert len(got) == 101
 
 
 def test_failing_copy_propagates(tmp_path):
     path = _save(tmp_path, _llm_state())
-    fake = devices.FakeBackend(delay=(0, 0.001), fail_copy=5)
+    fake = FakeBackend(delay=(0, 0.001), fail_copy=5)
     with pytest.raises(RuntimeError, match="fake device: copy 5 failed"):
         _fake_load(path, fake, map_location="cuda:0", staging_bytes=SMALL_RING)
     gc.collect()
@@ -224,7 +225,7 @@ def test_keyboard_interrupt_leaves_nothing_running(tmp_path):
         if n == 3:
             _thread.interrupt_main()  # what Ctrl-C does to the loading (main) thread
 
-    fake = devices.FakeBackend(delay=(0.01, 0.01), on_copy=interrupt)
+    fake = FakeBackend(delay=(0.01, 0.01), on_copy=interrupt)
     with pytest.raises(KeyboardInterrupt):
         _fake_load(path, fake, map_location="cuda:0", staging_bytes=SMALL_RING)
     gc.collect()
@@ -259,10 +260,10 @@ def test_reads_and_copies_overlap(tmp_path, monkeypatch):
         _fake_load(path, fake, map_location="cuda:0", staging_bytes=ring, threads=1)
         return time.perf_counter() - start
 
-    read = min(timed(devices.FakeBackend()) for _ in range(2))  # reads, and copies that cost ~nothing
+    read = min(timed(FakeBackend()) for _ in range(2))  # reads, and copies that cost ~nothing
     best = None
     for _ in range(3):
-        fake = devices.FakeBackend(delay=(0.02, 0.02))
+        fake = FakeBackend(delay=(0.02, 0.02))
         wall = timed(fake)
         ratio = wall / (read + fake.copy_seconds)
         best = min(best or ratio, ratio)
