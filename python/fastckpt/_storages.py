@@ -32,10 +32,11 @@ _DLPACK_TYPES = {
 }
 
 
-def default_deserializers_first() -> bool:
-    """True when nothing registered ahead of torch's CPU deserializer could claim a 'cpu' storage."""
-    registry = torch.serialization._package_registry
-    return bool(registry) and registry[0][2] is torch.serialization._cpu_deserialize
+def torch_deserializers_first() -> bool:
+    """True when torch's own deserializers come before any registered by others, so every tag
+    torch restores (cpu, cuda, mps, ...) is restored by torch: storages may then be made natively."""
+    own = [getattr(fn, "func", fn).__module__ == "torch.serialization" for _, _, fn in torch.serialization._package_registry]
+    return bool(own) and own[0] and sorted(own, reverse=True) == own  # some are partials
 
 
 def _storage_from_buffer(buffer, nbytes: int):
