@@ -28,7 +28,6 @@ SMALL_RING = 4 * (16 << 10)
 @pytest.fixture(autouse=True)
 def nothing_left_running():
     yield
-    gc.collect()
     left = [t.name for t in threading.enumerate() if t.name.startswith("fastckpt-")]
     assert not left, f"threads still running after the test: {left}"
 

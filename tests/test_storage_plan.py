@@ -42,6 +42,43 @@ def test_targets_follow_torch_rules(shared, targets, location, expected):
     assert plan.target(location) == expected
 
 
+@pytest.mark.parametrize(("targets", "named"), [
+    (None, []),                                     # every storage stays where its tag says
+    ("cuda:1", ["cuda:1"]),
+    ({"cpu": "cuda:0", "cuda:1": "cpu"}, ["cpu", "cuda:0"]),
+    (lambda s, loc: s, None),                       # decided per storage, by Python
+])
+def test_named_targets(shared, targets, named):
+    """What the loader decides staging from without scanning the pickle: the targets map_location names."""
+    plan = Plan(open_archive(shared), Plan.Mode.arena, targets, True)
+    got = plan.named_targets()
+    assert (sorted(got) if got is not None else None) == named
+
+
+def test_destinations_decided_once(tmp_path, monkeypatch):
+    """Where storages go is decided by the loader's plan; the stager is handed the staged storages
+    and their devices, and map_location is not parsed again (a fake backend claims "cuda")."""
+    from fastckpt import devices, loader
+    from fastckpt.testing import FakeBackend
+
+    path = _ckpt(tmp_path, save_bytes({"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}))
+    made = []
+    monkeypatch.setattr(devices, "Stager", lambda archive, staged, backend, **kw: made.append(staged) or None)
+    archive = open_archive(path)
+    data_pickle = fastckpt.archive.read_data_pickle(archive)
+    with devices.use_backend(FakeBackend()):
+        for map_location, staged in (("cpu", None), ({"cpu": "cuda:1"}, ["0", "1"]), (None, None),
+                                     (lambda s, loc: s, None)):
+            made.clear()
+            plan, _, _ = loader._plan(archive, data_pickle, map_location, mmap=False, verify=None, threads=1,
+                                      staging_bytes=devices.DEFAULT_STAGING_BYTES)
+            plan.finish()
+            assert ([sorted(k for k, _, _ in made[0])] if made else [None]) == [staged], map_location
+            if made:
+                assert {str(d) for _, _, d in made[0]} == {"cuda:1"}
+                assert plan.source("0", 12) == Plan.Source.staged
+
+
 @pytest.mark.parametrize("mmap", [False, True])
 def test_bytes_and_sizes(shared, mmap):
     archive = open_archive(shared)
