@@ -491,3 +491,68 @@ class TestCuda:
             assert torch.cuda.memory_allocated() == before  # without a collection: no reference cycle
         finally:
             gc.enable()
+
+
+# ---- benchmarks/gpu_check.sh (runs on a GPU machine; here: what can be checked without one) ----------
+
+_REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_without_cuda_exits_77_before_building(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(_REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)  # an import of torch, no build
+    assert done.returncode == 77, done.stdout + done.stderr
+    assert "no CUDA device" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing built, nothing written
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", _REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_verdict(tmp_path, capsys):
+    gc_ = _gpu_check_module()
+    check = gc_.Check(str(tmp_path), 100)
+    check.results["facts"] = {"torch": "2.11.0+cu130", "gpu": "H100"}
+    check.results["steps"] = {
+        "tests": {"rc": 0, "summary": "90 passed"},
+        "ceilings": {"h2d_pinned": 50.0, "pread_pinned": 40.0, "ceiling": 40.0},
+        "rows": {"fastckpt warm": {"gbps": 36.0, "seconds": [0.22, 0.2]}, "torch warm": {"gbps": 3, "seconds": [2.7]}},
+        "identical_to_torch": {"fastckpt warm": True, "torch warm": True},
+    }
+    assert gc_.finish(check) == 0
+    line = capsys.readouterr().out
+    assert "90% of min(H2D pinned 50.0, pread->pinned 40.0 GB/s)" in line and "12.3x torch.load" in line
+    assert line.rstrip().endswith("PASS")
+    check.results["steps"]["rows"]["fastckpt warm"] = {"gbps": 30.0, "seconds": [1.0]}  # 75%, 2.7x
+    check.results["steps"]["identical_to_torch"]["fastckpt warm"] = False
+    check.results["failures"] = []
+    assert gc_.finish(check) == 1
+    failures = " ".join(check.results["failures"])
+    assert "75% of the ceiling" in failures and "speed-up 2.7x" in failures
+    assert "ROWS DIFFER" in capsys.readouterr().out
+    import json
+
+    assert json.loads((tmp_path / "results.json").read_text())["passed"] is False
+
+
+def test_gpu_check_compares_saves_and_finds_tmpfs(tmp_path):
+    gc_ = _gpu_check_module()
+    a, b = tmp_path / "a" / "s.pt", tmp_path / "b" / "s.pt"
+    for p in (a, b):
+        p.parent.mkdir()
+        torch.save({"w": torch.arange(10)}, p)
+    assert gc_._same_archives(str(a), str(b)) == (True, "equal")  # serialization ids differ, and are skipped
+    torch.save({"w": torch.arange(1, 11)}, b)
+    assert gc_._same_archives(str(a), str(b)) == (False, "record s/data/0 differs")
+    assert gc_._fs_type("/proc/self") == "proc"
