@@ -139,3 +139,26 @@ def test_meta_plans_read_nothing(shared):
     plan = Plan(archive, Plan.Mode.meta, None, True)
     assert plan.source("0", 0) == Plan.Source.meta  # no size check: torch reads no byte either
     assert plan.data_offset("0") == archive.record("data/0").data_offset
+
+
+def test_keep_on_cpu(tmp_path):
+    """A distributed load leaves the storages this rank did not ask for on the CPU, whatever
+    map_location says: neither staged nor restored."""
+    from fastckpt import devices, loader
+    from fastckpt.testing import FakeBackend
+
+    state = {"a": torch.ones(3), "b": torch.arange(4), "c": torch.zeros(2, dtype=torch.int64)}
+    path = _ckpt(tmp_path, save_bytes(state))
+
+    def load(map_location, keep):
+        return loader._load_archive(open_archive(path), map_location, None, weights_only=True, mmap=False, verify=None,
+                                    threads=1, pickle_load_args={"encoding": "utf-8"}, keep_on_cpu=frozenset(keep))
+
+    got = load({"cpu": "meta"}, {"1"})  # torch.save numbers storages in order: "1" is b's
+    assert [got[k].device.type for k in "abc"] == ["meta", "cpu", "meta"]
+    assert torch.equal(got["b"], state["b"])
+    fake = FakeBackend()
+    with devices.use_backend(fake):
+        got = load("cuda:0", {"0", "2"})
+    assert fake.device_allocations == 1  # only b's storage was staged
+    assert_same(got, torch_load(path).get())

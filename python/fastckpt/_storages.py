@@ -52,8 +52,9 @@ class Storages:
     device stager for staged ones, then restored where map_location says.
     """
 
-    def __init__(self, plan, map_location, *, byteswap: bool, stager=None):
+    def __init__(self, plan, map_location, *, byteswap: bool, stager=None, keep_on_cpu=frozenset()):
         self._plan = plan
+        self._keep_on_cpu = keep_on_cpu  # keys the plan leaves on the CPU whatever map_location says
         self._stager = stager
         self._restore_location = _get_restore_location(map_location)
         self._byteswap = byteswap
@@ -111,7 +112,8 @@ class Storages:
             if self._byteswap:
                 storage.byteswap(dtype)
             try:
-                storage = self._restore_location(storage, location)
+                if key not in self._keep_on_cpu:
+                    storage = self._restore_location(storage, location)
             except RuntimeError as e:  # no deserializer for the tag, or its device is absent: torch's text
                 if isinstance(e, CheckpointError):
                     raise

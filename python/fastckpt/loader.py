@@ -165,9 +165,11 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
     )
 
 
-def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, staging_bytes):
+def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, staging_bytes, keep_on_cpu=frozenset()):
     """Where every storage's bytes come from and where they go, decided once before the pickle runs:
-    (the started plan, whether bytes are swapped, the device stager or None)."""
+    (the started plan, whether bytes are swapped, the device stager or None). Storages whose keys
+    are in `keep_on_cpu` stay CPU storages over the archive's bytes whatever map_location says
+    (a distributed load's storages that this rank did not ask for)."""
     byteswap = native_byteorder_differs(_byteorder(archive))
     if torch.serialization._is_meta_location(map_location):
         mode = StoragePlan.Mode.meta
@@ -180,7 +182,7 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
     plan = StoragePlan(archive, mode, targets, native_cpu=native)
     stager = None
     if mode != StoragePlan.Mode.meta:
-        staged = _device_storages(archive, data_pickle, plan) if native else []
+        staged = [s for s in _device_storages(archive, data_pickle, plan) if s[0] not in keep_on_cpu] if native else []
         if staged:
             backend = staged[0][3]
             for key, _, _, _ in staged:
@@ -224,13 +226,13 @@ def _device_storages(archive, data_pickle: bytes, plan) -> list:
 
 
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args,
-                  staging_bytes=devices.DEFAULT_STAGING_BYTES):
+                  staging_bytes=devices.DEFAULT_STAGING_BYTES, keep_on_cpu=frozenset()):
     check_version(archive)
     check_storage_alignment(archive)
     data_pickle = read_data_pickle(archive)  # CRC-checked
     plan, byteswap, stager = _plan(archive, data_pickle, map_location, mmap=mmap, verify=verify, threads=threads,
-                                   staging_bytes=staging_bytes)
-    storages = Storages(plan, map_location, byteswap=byteswap, stager=stager)
+                                   staging_bytes=staging_bytes, keep_on_cpu=keep_on_cpu)
+    storages = Storages(plan, map_location, byteswap=byteswap, stager=stager, keep_on_cpu=keep_on_cpu)
 
     tls = torch.serialization._serialization_tls
     tls.map_location = map_location
