@@ -213,9 +213,12 @@ def _device_storages(archive, data_pickle: bytes, plan) -> list:
         refs = _native.scan_storages(data_pickle)
     except (RuntimeError, ValueError):  # CheckpointError subclasses: the real unpickling says why
         return []
-    staged = []
+    staged, resolved = [], {}
     for key, location in refs:
-        where = devices.staging_device(plan.target(location))
+        target = plan.target(location)
+        if target not in resolved:  # a few distinct targets among up to ~100k storages
+            resolved[target] = devices.staging_device(target)
+        where = resolved[target]
         name = f"data/{key}"
         if where is None or name not in archive:
             continue
