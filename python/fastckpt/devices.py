@@ -370,6 +370,7 @@ class Stager:
         self._session = None
         self._thread: threading.Thread | None = None
         self._ring_done = True
+        self._ring_error: BaseException | None = None
         self._ring_stopped = threading.Event()
         self._ring_stopped.set()
         self._ring_thread: threading.Thread | None = None
@@ -407,6 +408,8 @@ class Stager:
                 with self._buffers_ready:
                     self._buffers[slot] = buffer
                     self._buffers_ready.notify_all()
+        except BaseException as e:  # noqa: BLE001 - raised by the stager when it needs the buffer
+            self._ring_error = e.with_traceback(None)
         finally:
             with self._buffers_ready:
                 self._ring_done = True
@@ -424,7 +427,7 @@ class Stager:
         with self._buffers_ready:
             self._buffers_ready.wait_for(lambda: self._buffers[slot] is not None or self._ring_done)
         if self._buffers[slot] is None:
-            raise RuntimeError("staging buffers could not be allocated")
+            raise self._ring_error or RuntimeError("staging buffers could not be allocated")
         return self._buffers[slot]
 
     def _run(self) -> None:
