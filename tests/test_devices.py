@@ -344,6 +344,21 @@ def test_second_interrupt_while_cleaning_up(tmp_path, no_collection):
     _assert_released(fake)  # nothing freed while a copy could still run, nothing issued after
 
 
+class _HostAllocationFails(FakeBackend):
+    def _host_buffer(self, nbytes):
+        if self.host_allocations == 2:
+            raise RuntimeError("fake device: pinned allocation failed")
+        return super()._host_buffer(nbytes)
+
+
+def test_failing_ring_allocation_raises_its_error(tmp_path, no_collection):
+    path = _save(tmp_path, _llm_state())
+    fake = _HostAllocationFails()
+    kind, message = _failed_load(path, fake, map_location="cuda:0", staging_bytes=SMALL_RING)
+    assert kind is RuntimeError and message == "fake device: pinned allocation failed"
+    assert fake.live_device_blocks == 0 and fake.ring.idle == fake.live_host_buffers == 1
+
+
 class _FailingClose(FakeBackend):
     def session(self, devices):
         session = super().session(devices)

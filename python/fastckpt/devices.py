@@ -427,7 +427,8 @@ class Stager:
         with self._buffers_ready:
             self._buffers_ready.wait_for(lambda: self._buffers[slot] is not None or self._ring_done)
         if self._buffers[slot] is None:
-            raise self._ring_error or RuntimeError("staging buffers could not be allocated")
+            error, self._ring_error = self._ring_error, None  # kept by no one but the raise: no cycle
+            raise error or RuntimeError("staging buffers could not be allocated")
         return self._buffers[slot]
 
     def _run(self) -> None:
