@@ -485,3 +485,26 @@ def test_cli_inspect(path, tmp_path, capsys):
     p = write(tmp_path, save_bytes({"args": argparse.Namespace(lr=0.1)}), "ns.pt")
     assert main(["inspect", str(p)]) == 0
     assert "Namespace" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+def _interrupted(*args):
+    raise KeyboardInterrupt
+
+
+class _CallsInterrupted:
+    def __reduce__(self):
+        return _interrupted, ()
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_interrupt_inside_a_call_is_not_a_file_error(tmp_path, weights_only):
+    """A Ctrl-C while the native machine runs a callable surfaces as KeyboardInterrupt, as in torch,
+    not as an UnpicklingError about the file."""
+    p = tmp_path / "calls.pt"
+    torch.save({"w": torch.ones(2), "x": _CallsInterrupted()}, p)
+    for load in (torch.load, fc_load):
+        with torch.serialization.safe_globals([_interrupted]), pytest.raises(KeyboardInterrupt):
+            load(p, weights_only=weights_only)
