@@ -38,13 +38,19 @@ rc=$?
 mkdir -p "$OUT"
 left() { echo $((DEADLINE - SECONDS)); }
 
+# Built and installed into a folder of its own (the image's site-packages stay as they are, and a
+# system Python's "externally managed" refusal does not apply), first on the path from here on.
 echo "== build and install (at most 180 s)" >&2
+SITE=$OUT/site
+rm -rf "$SITE"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-if ! timeout 180 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q . >"$OUT/build.log" 2>&1; then
+if ! timeout 180 "$PY" -m pip install --no-build-isolation --no-deps --no-index --target "$SITE" -q . \
+    >"$OUT/build.log" 2>&1; then
   tail -30 "$OUT/build.log" >&2
   echo "gpu_check: the build failed (see $OUT/build.log)" >&2
   exit 2
 fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
-# From outside the checkout, so `import fastckpt` is the installed build, not python/fastckpt.
+# From outside python/, so `import fastckpt` is the build just made.
 exec "$PY" "$PWD/benchmarks/gpu_check.py" --out "$OUT" --repo "$PWD" --deadline-s "$(left)"
