@@ -203,7 +203,7 @@ def _device_storages(archive, data_pickle: bytes, plan) -> list:
     types = devices.staging_types()
     if named is None or not types:
         return []  # a callable map_location decides per storage; or no device to stage to
-    # Before the scan that says which storage goes where (0.5 s for 100k storages): could any? A
+    # Before the scan that says which storage goes where (a pass over all of data.pkl): could any? A
     # target map_location names, or a device tag it keeps, which data.pkl then holds as text.
     if not any(t.split(":", 1)[0] in types for t in named) and not any(
         plan.target(t) == t and t.encode() in data_pickle for t in types
