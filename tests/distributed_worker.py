@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import time
 import traceback
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 import fastckpt
 from fastckpt import distributed as fd
+from fastckpt.distributed import reads
 from parity import assert_same
 
 
@@ -104,9 +106,35 @@ def scenario_errors(paths, rank, n):
     return seen
 
 
+def scenario_replaced(paths, rank, n):
+    """The checkpoint is atomically replaced (same layout, other values, no CRCs recorded) after rank 0
+    indexed it: every rank refuses, none returns a mix of the two versions."""
+    target = os.path.join(os.path.dirname(paths["single"]), f"replaced-{n}.pt")
+    if rank == 0:
+        shutil.copyfile(paths["nocrc_a"], target)
+        real = fd.make_plan
+
+        def plan_then_replace(path, ranks):
+            plan = real(path, ranks)
+            shutil.copyfile(paths["nocrc_b"], target + ".new")
+            os.replace(target + ".new", target)
+            return plan
+
+        fd.make_plan = plan_then_replace
+    dist.barrier()
+    try:
+        error = expect_error(fastckpt.FormatError, lambda: fd.load(target))
+    finally:
+        if rank == 0:
+            fd.make_plan = real
+    assert "not the file rank 0 indexed" in error, error
+    assert_same(fd.load(target), torch.load(paths["nocrc_b"]))  # the new file, whole, once it stays
+    return error
+
+
 def scenario_dies(paths, rank, n):
     if rank == 1:
-        fd._read_pieces = lambda *args: os._exit(3)
+        reads.read_pieces = lambda *args: os._exit(3)
     start = time.monotonic()
     error = expect_error(fd.CollectiveError, lambda: fd.load(paths["single"]))
     return [error, time.monotonic() - start]
@@ -125,8 +153,8 @@ def scenario_cuda(paths, rank, n):
 
 def scenario_stalls(paths, rank, n):
     if rank == 1:
-        real = fd._read_pieces
-        fd._read_pieces = lambda *args: (time.sleep(2 * TIMEOUT_STALL_S), real(*args))
+        real = reads.read_pieces
+        reads.read_pieces = lambda *args: (time.sleep(2 * TIMEOUT_STALL_S), real(*args))
     start = time.monotonic()
     error = expect_error(fd.CollectiveError, lambda: fd.load(paths["single"]))
     return [error, time.monotonic() - start]

@@ -124,7 +124,7 @@ def test_concurrent_reads_agree(tmp_path):
                     archive.read_into(name, buffer, True, 1)
                     assert data == buffer == bytes(archive.view(name))
                     assert seen.setdefault(name, data) == data
-                plan = _native.StoragePlan(archive, _native.StoragePlan.Mode.arena, None, True)
+                plan = _native.StoragePlan(archive, _native.StoragePlan.Mode.eager, None, True)
                 plan.start(True, 2)
                 for name in archive.names("data/"):
                     assert bytes(plan.bytes(name[5:], len(expected[name]))) == expected[name]

@@ -293,6 +293,17 @@ def test_results_document_schema(bench_run):
     assert (out / "bench.png").stat().st_size > 1000
 
 
+def test_contenders_are_named_by_id_pattern_or_family():
+    from fastckpt.bench.contenders import CONTENDERS, resolve
+
+    assert [c.id for c in resolve(["torch", "fastckpt"])] == ["torch", "fastckpt"]  # an id is that contender alone
+    assert [c.id for c in resolve(["safetensors"])] == ["st-load", "st-open"]
+    assert [c.id for c in resolve(["fastckpt*"])] == [c for c in CONTENDERS if c.startswith("fastckpt")]
+    assert [c.id for c in resolve(["all", "torch"])] == list(CONTENDERS)
+    with pytest.raises(BenchError, match="unknown contender 'tensorflow'"):
+        resolve(["tensorflow"])
+
+
 def test_cli_refuses_clearly(capsys):
     assert cli.main(["--contenders", "nope", "--device", "cpu"]) == 2
     assert "unknown contender 'nope'" in capsys.readouterr().err
@@ -300,3 +311,188 @@ def test_cli_refuses_clearly(capsys):
     assert "bad checkpoint spec" in capsys.readouterr().err
     assert cli.main(["--list"]) == 0
     assert "fastckpt-mmap" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- defaults, progress
+
+
+def _config(argv, tmp_path):
+    args = cli.build_parser().parse_args(argv + ["--device", "cpu", "--cache-dir", str(tmp_path)])
+    return args, cli.config_from_args(args, lambda message: None)
+
+
+def test_quick_and_file_runs_take_the_headline_contenders(tmp_path):
+    args, quick = _config(["--quick"], tmp_path)
+    assert args.out == cli.DEFAULT_OUT == "fastckpt-bench"
+    assert [c.id for c in quick.contenders] == cli.CORE_CONTENDERS.split(",")
+    assert (quick.modes, quick.rounds) == (["warm"], 2)
+    _, full = _config([], tmp_path)
+    assert len(full.contenders) == len(cli.contenders_mod.CONTENDERS) and full.modes == ["warm", "cold"]
+    small = tmp_path / "small.pt"
+    torch.save({"w": torch.ones(4)}, small)
+    _, mine = _config([str(small)], tmp_path)
+    assert [c.id for c in mine.contenders] == ["torch", "torch-mmap", "fastckpt", "fastckpt-mmap"]
+    assert (mine.modes, mine.rounds) == (["warm"], 2)  # a file under SMALL_FILE_BYTES: as --quick
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(cli.SMALL_FILE_BYTES)
+    both = _config([str(small), str(big)], tmp_path)[1]
+    assert (both.modes, both.rounds) == (["warm", "cold"], 3)
+
+
+def test_progress_counts_only_the_loads_that_run(tmp_path, monkeypatch):
+    from fastckpt.bench import contenders, runner
+
+    path = tmp_path / "mine.pt"
+    torch.save({"w": torch.ones(4)}, path)
+    ran = []
+
+    def fake_batch(requests):  # no worker processes: the schedule is under test
+        ran.extend(requests)
+        return iter([{"status": "error", "error": "not run"} for _ in requests])
+
+    monkeypatch.setattr(runner, "run_batch", fake_batch)
+    logged = []
+    # st-load has no file to read (a user's .pt has no twin) and torch-mmap-to runs on devices only
+    config = runner.Config(checkpoints=[generate.UserFile(str(path))], contenders=contenders.resolve(
+        ["torch", "st-load", "torch-mmap-to", "fastckpt-mmap"]), modes=["warm", "cold"], devices=["cpu"], rounds=3,
+        cache_dir=str(tmp_path), ceilings=False)
+    runner.run(config, logged.append)
+    counts = [line.split("]")[0] for line in logged if line.startswith("[")]
+    assert len(ran) == 2 * 2 * 3 and counts[-1] == "[12/12" and len(counts) == 12
+
+
+def test_the_default_run_writes_json_and_plot_to_the_folder_it_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["-c", "small-20", "--contenders", "torch-pickle", "--mode", "warm", "--device", "cpu", "-r", "1",
+                   "--no-ceilings", "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    out = tmp_path / "fastckpt-bench"
+    with open(out / "results.json") as f:
+        assert json.load(f)["cases"][0]["summary"]["torch-pickle"]["correct"] is True
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("results.json and bench.png in ./fastckpt-bench/")
+
+
+def test_an_unwritable_out_folder_is_refused_before_the_run(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["--quick", "--device", "cpu", "--out", str(blocker / "sub")]) == 2
+    assert "cannot make the folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- table and plot
+
+def _synthetic_results(extra_ids=("bench_loaders:a_long_custom_loader_name",), devices=("cpu", "cuda:0")):
+    """A results document as a run makes it, from made-up samples: every built-in contender and a custom one,
+    two checkpoints, a CPU and a device case, a wrong result, an error and a not-cold run."""
+    from fastckpt.bench import contenders as contenders_mod
+
+    chosen = list(contenders_mod.CONTENDERS.values()) + [contenders_mod.get(cid) for cid in extra_ids]
+    config = [{"id": c.id, "label": c.label, "family": c.family, "fmt": c.fmt, "lazy": c.lazy,
+               "device_only": c.device_only} for c in chosen]
+    manifests = {name: {"name": name, "elements": n * 16, "files": {"pt": {"path": f"/x/{name}.pt"}},
+                        "digest": {"n_tensors": n, "storage_bytes": n * 64}} for name, n in (("small-10k", 10_000),
+                                                                                               ("llm-250m", 264))}
+    cases = []
+    for name in manifests:
+        for device in devices:
+            samples = []
+            for r in range(2):
+                for k, c in enumerate(chosen):
+                    if not c.runs_on(device) or (name == "llm-250m" and c.id == "st-open"):
+                        continue  # st-open sits out one case: its group must close up
+                    s = {"contender": c.id, "round": r, "status": "ok", "correct": c.id != "torch-again",
+                         "load_s": 0.0123 * (k + 1), "ready_s": 0.0456 * (k + 1) + r * 1e-3, "cpu_ready_s": 0.05,
+                         "rss_base": 10**8, "rss_ready": 3 * 10**8, "cuda_max_allocated": 2 * 10**8}
+                    if c.id == "fastckpt-fileobj" and r == 1:
+                        s = {"contender": c.id, "round": r, "status": "error",
+                             "error": "exit status 1: RuntimeError: " + "a long explanation " * 8}
+                    if c.id == "torch-pickle" and r == 0:
+                        s = {"contender": c.id, "round": r, "status": "not-cold", "resident_before": 1.0}
+                    samples.append(s)
+            cases.append({"checkpoint": name, "mode": "warm", "device": device, "samples": samples})
+    files = {m["files"]["pt"]["path"]: {"warm_eager": 2.3, "pagecache_read": 9.5, "pagecache_map": 24.1,
+                                        "cold_read": 1.83, "cold_read_config": {"threads": 4, "block": 1 << 20,
+                                                                                "direct": True, "ahead": 64 << 20}}
+             for m in manifests.values()}
+    results = {"config": {"contenders": config, "rounds": 2}, "skipped": {"no_such:thing": "no_such is not "
+                                                                          "available in this environment"},
+               "machine": {"cpu": "AMD EPYC 7B13 64-Core Processor", "cores_usable": 2,
+                           "gpu": "NVIDIA H100 80GB HBM3"},
+               "load_average": {"before": [1.0], "after": [2.0]},
+               "ceilings": {"memcpy_1core": 10.7, "populate": 3.2, "h2d_pinned": 50.1, "h2d_pageable": 20.2,
+                            "gpu": "NVIDIA H100 80GB HBM3", "files": files},
+               "checkpoints": manifests, "cases": cases}
+    summary.annotate(results)
+    return results
+
+
+def test_table_fits_100_columns_and_names_every_contender_that_ran():
+    from fastckpt.bench import report
+
+    results = _synthetic_results()
+    table = report.format_table(results)
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= report.WIDTH == 100
+    legend = " ".join(line.strip() for line in lines if not line.startswith(("small", "llm")))
+    for c in results["config"]["contenders"]:
+        assert (f"{c['id']} = {c['label']}" if c["id"] != c["label"] else c["id"]) in legend
+    # a row per contender and case, under its (possibly cut) id
+    for case in results["cases"]:
+        for cid in case["summary"]:
+            assert any(line.startswith("  " + report._short_id(cid) + " ") for line in lines), cid
+    assert "WRONG" in table and "a long explanation" in table
+    cpu_only = report.format_table(_synthetic_results(extra_ids=(), devices=("cpu",)))
+    assert max(map(len, cpu_only.splitlines())) <= 100
+    assert "torch-mmap-to" not in cpu_only  # configured, but it runs on devices only: not in the legend
+
+
+def test_colours_are_fixed_per_contender_and_distinct():
+    from fastckpt.bench import contenders as contenders_mod
+    from fastckpt.bench import report
+
+    builtin = list(contenders_mod.CONTENDERS)
+    assert set(builtin) <= set(report.COLOURS)
+    every = report.colours(builtin + ["mod:a", "mod:b", "other:c"])
+    assert len(set(every.values())) == len(every)  # distinct within a plot
+    assert report.colours(["fastckpt", "torch"]) == {"fastckpt": report.COLOURS["fastckpt"],
+                                                      "torch": report.COLOURS["torch"]}
+    assert report.colours(["mod:a"]) == report.colours(["mod:a"])  # stable from run to run
+    assert report.colours(["torch", "mod:a"])["mod:a"] == report.colours(["st-load", "mod:a"])["mod:a"]
+
+
+def test_plot_groups_have_no_empty_slots_and_the_legend_clears_the_labels(tmp_path):
+    from fastckpt.bench import report
+
+    results = _synthetic_results()
+    positions, width = report.bar_positions(results)
+    for x, case in enumerate(results["cases"]):
+        ran = [cid for cid, s in case["summary"].items() if s["ok"]]
+        xs = sorted(positions[x, cid] for cid in ran)
+        assert {cid for (i, cid) in positions if i == x} == set(ran)
+        assert all(abs(b - a - width) < 1e-9 for a, b in zip(xs, xs[1:]))  # side by side, no gap
+        assert abs((xs[0] + xs[-1]) / 2 - x) < 1e-9  # centred on the case's tick
+    assert ("st-open" in results["cases"][0]["summary"]) and (2, "st-open") not in positions
+
+    fig = report.figure(results)
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent(renderer))
+        for label in ax.get_xticklabels():
+            if label.get_text():
+                assert legend.y1 < label.get_window_extent(renderer).y0
+    fig.savefig(tmp_path / "bench.png")
+
+
+def test_an_earlier_run_is_shown_again_from_its_json(tmp_path, capsys):
+    from fastckpt.bench import report
+
+    results = _synthetic_results(devices=("cpu",))
+    report.write_json(results, tmp_path / "results.json")
+    assert report.main([str(tmp_path / "results.json"), str(tmp_path / "again.png")]) == 0
+    assert capsys.readouterr().out.strip() == report.format_table(results)
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.main([]) == 2

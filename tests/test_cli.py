@@ -48,7 +48,7 @@ def test_verify_names_the_tensor_and_labels_crcs(files):
     from fastckpt.reader import open as open_checkpoint
 
     with open_checkpoint(files / "good.pt") as f:
-        offset = f._descriptor("b").storage.data_offset
+        offset = f.descriptor("b").storage.data_offset
     data = bytearray((files / "good.pt").read_bytes())
     data[offset] ^= 0xFF
     (files / "good.pt").write_bytes(data)

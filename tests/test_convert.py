@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("ml_dtypes")
-st_torch = pytest.importorskip("safetensors.torch")
+import ml_dtypes  # noqa: E402,F401  (the test extra: missing, the run fails rather than skips)
+import safetensors.torch as st_torch  # noqa: E402
 
 import fastckpt  # noqa: E402
+from fastckpt import converter  # noqa: E402
 from test_reader import DTYPES, sample, save_sharded, write_big_endian  # noqa: E402
 from torchfree import run_without_torch  # noqa: E402
 
@@ -73,8 +74,12 @@ def test_sharded_output_and_sharded_input(tmp_path):
     assert sorted(merged) == sorted(state) and all(torch.equal(merged[k], state[k]) for k in state)
 
 
-def test_big_endian_source(tmp_path):
-    state = {"f": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3).t()}
+@pytest.mark.parametrize("chunk", [None, 6], ids=["chunk", "tiny-chunks"])
+def test_big_endian_source(tmp_path, monkeypatch, chunk):
+    if chunk:
+        monkeypatch.setattr(converter, "CHUNK_BYTES", chunk)
+    state = {"f": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),
+             "c": torch.randn(4, dtype=torch.complex64), "ct": torch.randn(2, 3, dtype=torch.complex64).t()}
     torch.save(state, tmp_path / "le.pt")
     write_big_endian(tmp_path / "le.pt", tmp_path / "be.pt")
     fastckpt.convert(tmp_path / "be.pt", tmp_path / "be.safetensors")
@@ -93,7 +98,7 @@ def test_non_tensors_refused_unless_dropped(tmp_path):
 def test_corrupt_record_fails_and_leaves_no_output(tmp_path):
     torch.save({"a": torch.zeros(64), "b": torch.ones(64)}, tmp_path / "c.pt")
     with fastckpt.open(tmp_path / "c.pt") as f:
-        offset = f._descriptor("b").storage.data_offset
+        offset = f.descriptor("b").storage.data_offset
     data = bytearray((tmp_path / "c.pt").read_bytes())
     data[offset + 3] ^= 1
     (tmp_path / "c.pt").write_bytes(data)

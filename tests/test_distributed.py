@@ -4,6 +4,7 @@ file:// rendezvous only); every rank compares its result with torch.load."""
 from __future__ import annotations
 
 import collections
+import copy
 import fractions
 import json
 import multiprocessing
@@ -45,6 +46,16 @@ def paths(tmp_path_factory):
     corrupt = root / "corrupt.pt"
     last = [name.split("/", 1)[1] for name, body in zip_entries(data) if "/data/" in name and body][-1]  # last rank reads it
     corrupt.write_bytes(flip_byte(data, last, index=5))
+    from torch.utils.serialization import config
+
+    with config.patch({"save.compute_crc32": False}):  # CRCs not recorded: only the identity check can tell
+        torch.save({k: v for k, v in state.items() if k != "meta"}, root / "nocrc_a.pt")
+        other = copy.deepcopy({k: v for k, v in state.items() if k != "meta"})  # same layout, other values
+        for v in other.values():
+            if v.is_floating_point():
+                v.add_(1)
+        torch.save(other, root / "nocrc_b.pt")
+    assert (root / "nocrc_a.pt").stat().st_size == (root / "nocrc_b.pt").stat().st_size
     notckpt = root / "notckpt.pt"
     notckpt.write_bytes(b"hello, not a checkpoint" * 10)
     unsafe = root / "unsafe.pt"
@@ -61,7 +72,8 @@ def paths(tmp_path_factory):
         weight_map.update({k: f"model-{i + 1:05d}-of-00003.pt" for k in shard})
     (sharded / "model.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return {name: str(p) for name, p in dict(single=single, tiny=tiny, corrupt=corrupt, notckpt=notckpt,
-                                              unsafe=unsafe, badindex=badindex, sharded=sharded).items()}
+                                              unsafe=unsafe, badindex=badindex, sharded=sharded,
+                                              nocrc_a=root / "nocrc_a.pt", nocrc_b=root / "nocrc_b.pt").items()}
 
 
 def run_group(n, scenarios, paths, tmp_path, timeout_s=TIMEOUT_S, backend="gloo"):
@@ -97,9 +109,10 @@ def test_import_fastckpt_does_not_import_torch():
 
 
 def test_two_ranks(paths, tmp_path):
-    scenarios = ["full", "reads_once", "keys", "errors"]
+    scenarios = ["full", "reads_once", "keys", "errors", "replaced"]
     reports, codes = run_group(2, scenarios, paths, tmp_path)
     assert_ok(reports, 2, scenarios)
+    assert reports[0]["replaced"]["ok"] == reports[1]["replaced"]["ok"]
     errors = [report["errors"]["ok"] for report in reports.values()]
     assert errors[0] == errors[1]  # every rank raised the same class with the same message
     assert "IntegrityError: CRC-32 mismatch" in errors[0][0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import pathlib
 import re
@@ -123,6 +124,7 @@ def test_lowering_keeps_meaning(seeds):
 # --------------------------------------------------------------------------- the harness catches what it must
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("target, kind", [
     ("broken_loaders:segfaults", "crash"),
     ("broken_loaders:hangs", "hang"),
@@ -269,6 +271,7 @@ def _still_open(r: Regression, tmp_path) -> bool:
 # --------------------------------------------------------------------------- the bounded fuzz run
 
 
+@pytest.mark.timeout(1800)
 def test_fuzz_load(tmp_path):
     """ITERS mutated inputs: no crash or hang, refusals are CheckpointErrors, loads equal torch's.
 
@@ -286,3 +289,117 @@ def test_fuzz_load(tmp_path):
         f"- {f['kind']} {f['exc']}: {f['msg'][:300]}\n  replay: python tests/fuzz/pyfuzz.py --seed {f['seed']} "
         f"--start {f['i']} --iters 1 -v   (input: {f['file']}; mutations: {f.get('log')})" for f in new)
     assert not new, f"{len(new)} finding(s):\n{report}"
+
+
+# --------------------------------------------------------------------------- the other surfaces (tests/fuzz/surfaces.py)
+
+SURFACE_ITERS = int(os.environ.get("FASTCKPT_FUZZ_SURFACE_ITERS", "200"))
+
+
+def _sharded_folder(tmp_path, index: bytes, state=None) -> pathlib.Path:
+    folder = tmp_path / f"sharded-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    torch.save(state or {"w": torch.ones(2), "b": torch.zeros(1)}, folder / "model-00001-of-00001.pt")
+    (folder / "model.index.json").write_bytes(index)
+    return folder
+
+
+def index_json_errors_are_format_errors(tmp_path):
+    for text in (b'{"weight_map": {', b'{"weight_map": ' + b"[" * 100_000, b'\xff{"weight_map": {}}', b"\xef\xbb\xbf{}"):
+        with pytest.raises(fastckpt.FormatError):
+            fastckpt.open(_sharded_folder(tmp_path, text))
+
+
+def index_naming_a_folder_is_refused(tmp_path):
+    for name in ("", ".", "\u0000x", "sub/model-00001-of-00001.pt", "../model-00001-of-00001.pt"):
+        text = json.dumps({"weight_map": {"w": name, "b": "model-00001-of-00001.pt"}}).encode()
+        with pytest.raises(fastckpt.CheckpointError):
+            fastckpt.open(_sharded_folder(tmp_path, text)).get_tensor("w")
+
+
+def open_and_load_sharded_agree(tmp_path):
+    folder = _sharded_folder(tmp_path, b'{"weight_map": {"w": "model-00001-of-00001.pt"}}')  # the shard also holds b
+    for read in (lambda: fastckpt.open(folder).get_tensor("w"), lambda: fastckpt.load_sharded(folder)):
+        with pytest.raises(fastckpt.FormatError):
+            read()
+
+
+def cli_on_an_index_with_no_shards(tmp_path):
+    from fastckpt.cli import main
+
+    folder = _sharded_folder(tmp_path, b'{"weight_map": {}}')
+    for argv in (["inspect", "--json", str(folder)], ["verify", str(folder)],
+                 ["convert", str(folder), str(folder / "out.safetensors")]):
+        assert main(argv) == 2, argv
+
+
+def layout_of_a_non_string(tmp_path):
+    """_get_layout({}) as a value: inspect printed the tree with a Global whose name was a dict (a traceback)."""
+    from fastckpt.cli import main
+
+    path = tmp_path / "layout.pt"
+    path.write_bytes(_with_pickle(P.program(P.call("torch.serialization", "_get_layout", P.EMPTY_DICT))))
+    assert main(["inspect", str(path)]) == 2
+    with pytest.raises(fastckpt.MetadataError):
+        fastckpt.open(path)
+
+
+def ordered_dict_of_bad_pairs(tmp_path):
+    """OrderedDict([[1]]): the torch-free reader let OrderedDict's ValueError out of fastckpt.open."""
+    path = tmp_path / "od.pt"
+    path.write_bytes(_with_pickle(P.program(P.call("collections", "OrderedDict", b"](](K\x01ee"))))
+    with pytest.raises(fastckpt.MetadataError, match="OrderedDict"):
+        fastckpt.open(path)
+
+
+SURFACE_REGRESSIONS = {  # each was a finding of the surfaces fuzz run (issue 23 class 2, and the CLI); all fixed
+    "ordered_dict_of_bad_pairs": ordered_dict_of_bad_pairs,
+    "layout_of_a_non_string": layout_of_a_non_string,
+    "index_json_errors_are_format_errors": index_json_errors_are_format_errors,
+    "index_naming_a_folder_is_refused": index_naming_a_folder_is_refused,
+    "open_and_load_sharded_agree": open_and_load_sharded_agree,
+    "cli_on_an_index_with_no_shards": cli_on_an_index_with_no_shards,
+}
+
+
+@pytest.mark.parametrize("name", list(SURFACE_REGRESSIONS))
+def test_surface_regression(name, tmp_path):
+    SURFACE_REGRESSIONS[name](tmp_path)
+
+
+@pytest.mark.timeout(1200)
+def test_fuzz_surfaces(tmp_path):
+    """SURFACE_ITERS mutated inputs through fastckpt.open/get_slice/metadata, convert, the CLI and a sharded
+    folder with a mutated index: no crash, hang, traceback or foreign exception, and consistent answers."""
+    res = pyfuzz.run_fuzz(SEED, SURFACE_ITERS, work=tmp_path / "work", keep_going=True, surfaces=True)
+    new = res["findings"]
+    print(f"surfaces fuzz: {res['iters']} inputs in {res['secs']} s; outcomes {res['outcomes']}")
+    assert res["iters"] == SURFACE_ITERS, res
+    report = "\n".join(
+        f"- {f['kind']} {f['exc']}: {f['msg'][:300]}\n  replay: python tests/fuzz/pyfuzz.py --surfaces --seed {f['seed']} "
+        f"--start {f['i']} --iters 1 -v   (input: {f['file']}; {f.get('where', '')[-300:]})" for f in new)
+    assert not new, f"{len(new)} finding(s):\n{report}"
+    assert res["outcomes"].get("surfaces ok", 0) >= SURFACE_ITERS // 4, res["outcomes"]  # the inputs reach the reads
+
+
+@pytest.mark.timeout(600)
+def test_cli_entry_point_on_fuzzed_inputs(tmp_path):
+    """The real `python -m fastckpt` on a few fuzzed inputs: exit 0/1/2, never a traceback, under a memory cap."""
+    import subprocess
+
+    seeds = pyfuzz.make_seeds()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    code = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+            "sys.argv = ['fastckpt'] + sys.argv[1:]; runpy.run_module('fastckpt', run_name='__main__')")
+    seen = set()
+    for i in range(6):
+        data, _ = pyfuzz.make_input(seeds, SEED, i)
+        path = tmp_path / f"in{i}.pt"
+        path.write_bytes(data)
+        for argv in (["inspect", str(path)], ["verify", str(path)],
+                     ["convert", "--drop-non-tensors", str(path), str(tmp_path / f"out{i}.safetensors")]):
+            r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, env=env)
+            assert r.returncode in (0, 1, 2) and "Traceback" not in r.stderr, (argv, r.returncode, r.stderr[-2000:])
+            assert r.returncode == 0 or r.stderr.strip(), argv
+            seen.add(r.returncode)
+    assert 2 in seen  # the mutations do reach refusals

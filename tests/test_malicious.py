@@ -268,7 +268,11 @@ def test_catalogue(name, mmap, tmp_path, warmed_up):
     p = tmp_path / "evil.pt"
     p.write_bytes(rezip(BASE, replace={"data.pkl": pkl}))
     exc = check_refused(p, expected, mmap)
-    if expected is UnsafeGlobalError:
+    if expected is UnsafeGlobalError and "Unsupported operand" in str(exc):
+        # torch's weights-only unpickler stops sooner, at an opcode it does not read (STACK_GLOBAL,
+        # FRAME...): the refusal carries its text
+        assert str(exc) == str(torch_load(p, mmap=mmap, weights_only=True).exc)
+    elif expected is UnsafeGlobalError:
         fix = ("only calls given data",) if name.endswith("_sized") else ("add_safe_globals", "blocked")
         assert any(phrase in str(exc) for phrase in fix), str(exc)
 

@@ -1,4 +1,4 @@
-"""The storage plan: one load's decision of where each storage's bytes come from (mapped, arena,
+"""The storage plan: one load's decision of where each storage's bytes come from (mapped, eager,
 meta, staged, inflated) and where map_location sends each location tag, made before unpickling."""
 
 import zipfile
@@ -38,7 +38,7 @@ def shared(tmp_path):
     ({"cpu": torch.device("cpu")}, "cpu", None),    # dict values other than strings: torch's per-storage path
 ])
 def test_targets_follow_torch_rules(shared, targets, location, expected):
-    plan = Plan(open_archive(shared), Plan.Mode.arena, targets, True)
+    plan = Plan(open_archive(shared), Plan.Mode.eager, targets, True)
     assert plan.target(location) == expected
 
 
@@ -50,7 +50,7 @@ def test_targets_follow_torch_rules(shared, targets, location, expected):
 ])
 def test_named_targets(shared, targets, named):
     """What the loader decides staging from without scanning the pickle: the targets map_location names."""
-    plan = Plan(open_archive(shared), Plan.Mode.arena, targets, True)
+    plan = Plan(open_archive(shared), Plan.Mode.eager, targets, True)
     got = plan.named_targets()
     assert (sorted(got) if got is not None else None) == named
 
@@ -82,11 +82,11 @@ def test_destinations_decided_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mmap", [False, True])
 def test_bytes_and_sizes(shared, mmap):
     archive = open_archive(shared)
-    plan = Plan(archive, Plan.Mode.mapped if mmap else Plan.Mode.arena, None, True)
+    plan = Plan(archive, Plan.Mode.mapped if mmap else Plan.Mode.eager, None, True)
     plan.start(True, 2)
     for name in archive.names("data/"):
         key, data = name[5:], read_record(archive, name)
-        assert plan.source(key, len(data)) == (Plan.Source.mapped if mmap else Plan.Source.arena)
+        assert plan.source(key, len(data)) == (Plan.Source.mapped if mmap else Plan.Source.eager)
         assert bytes(plan.bytes(key, len(data))) == data
         with pytest.raises(fastckpt.RecordError, match=f"record '{name}' holds {len(data)} bytes"):
             plan.bytes(key, len(data) + 1)
@@ -101,7 +101,7 @@ def test_deflated_records_are_adopted_and_loaded_natively(shared, tmp_path, monk
     with open(shared, "rb") as f:
         deflated = _ckpt(tmp_path, rezip(f.read(), compress=zipfile.ZIP_DEFLATED), "deflated.pt")
     archive = open_archive(deflated)
-    plan = Plan(archive, Plan.Mode.arena, None, True)
+    plan = Plan(archive, Plan.Mode.eager, None, True)
     keys = plan.deflated_keys()
     assert sorted(keys) == sorted(n[5:] for n in archive.names("data/"))
     for key in keys:
@@ -123,7 +123,7 @@ def test_deflated_records_are_adopted_and_loaded_natively(shared, tmp_path, monk
 
 def test_staged_and_started_plans_refuse_changes(shared):
     archive = open_archive(shared)
-    plan = Plan(archive, Plan.Mode.arena, None, True)
+    plan = Plan(archive, Plan.Mode.eager, None, True)
     plan.stage("0")
     assert plan.source("0", archive.record("data/0").size) == Plan.Source.staged
     with pytest.raises(fastckpt.RecordError, match="not read by this load"):
@@ -151,7 +151,7 @@ def test_keep_on_cpu(tmp_path):
     path = _ckpt(tmp_path, save_bytes(state))
 
     def load(map_location, keep):
-        return loader._load_archive(open_archive(path), map_location, None, weights_only=True, mmap=False, verify=None,
+        return loader.load_archive(open_archive(path), map_location, None, weights_only=True, mmap=False, verify=None,
                                     threads=1, pickle_load_args={"encoding": "utf-8"}, keep_on_cpu=frozenset(keep))
 
     got = load({"cpu": "meta"}, {"1"})  # torch.save numbers storages in order: "1" is b's

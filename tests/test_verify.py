@@ -1,5 +1,6 @@
 """fastckpt.verify and the `fastckpt verify` command."""
 
+import pickle
 import shutil
 import subprocess
 import sys
@@ -128,3 +129,48 @@ def test_verify_reports_progress_in_batches(tmp_path, monkeypatch):
     assert report.ok and len(done) > 1
     assert sum(done) == sum(r.size for r in report.records)
     assert fastckpt.verify(p).records == report.records
+
+
+def test_report_repr_is_one_summary_line(small_ckpt):
+    report = fastckpt.verify(small_ckpt)
+    text = repr(report)
+    total = sum(r.size for r in report.records)
+    assert "\n" not in text and len(text) < 200
+    assert text == f"<VerifyReport {str(small_ckpt)!r}: ok, 10 records (10 ok), {total:,} bytes>"
+    assert str(report) == text and len(report.records) == 10  # the records are a list away
+    corrupt(small_ckpt, "data/1")
+    assert repr(fastckpt.verify(small_ckpt)).endswith(
+        f": FAILED, 10 records (1 mismatch, 9 ok), {total:,} bytes; failed: data/1>")
+
+
+@pytest.mark.parametrize("surface", ["load", "load_mmap", "open", "archive", "data_pkl"])
+def test_integrity_error_carries_its_record(small_ckpt, surface):
+    """IntegrityError names the failing record and the tensors it holds as attributes (.record, .keys),
+    set where it is raised: no caller parses the message."""
+    corrupt(small_ckpt, "data.pkl" if surface == "data_pkl" else "data/1")
+    with pytest.raises(fastckpt.IntegrityError) as info:
+        if surface in ("load", "data_pkl"):
+            fastckpt.load(small_ckpt)
+        elif surface == "load_mmap":
+            fastckpt.load(small_ckpt, mmap=True, verify=True)
+        elif surface == "open":
+            with fastckpt.open(small_ckpt, verify=True) as f:
+                f.get_tensor("b")
+        else:
+            fastckpt.open_archive(small_ckpt).read("data/1")
+    e = info.value
+    assert e.record == ("data.pkl" if surface == "data_pkl" else "data/1")
+    assert e.keys == (() if surface in ("archive", "data_pkl") else ("b",))
+    assert "CRC-32 mismatch" in str(e) and str(small_ckpt) in str(e)
+    assert pickle.loads(pickle.dumps(e)).record == e.record  # survives transport (distributed errors)
+
+
+def test_core_crc_rule_for_records_known_by_fields():
+    """The verdict for a record known only by its fields (no Archive at hand): 0 is "not recorded"."""
+    from fastckpt import _native
+
+    _native.check_crc("data/0", 0x1234, 8, 64, 0x1234, "x.pt")
+    _native.check_crc("data/0", 0, 8, 64, 0x1234, "x.pt")  # written with compute_crc32=False
+    with pytest.raises(fastckpt.IntegrityError, match=r"record 'data/0' of x.pt .*storage of tensor 'w'") as info:
+        _native.check_crc("data/0", 0x1234, 8, 64, 0x4321, "x.pt", ["w"])
+    assert (info.value.record, info.value.keys) == ("data/0", ("w",))

@@ -18,7 +18,9 @@ def run_without_torch(code: str, **params) -> dict:
         "\nimport json as _json\nprint('RESULT' + _json.dumps(result))\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    # The tests' folder first; the caller's PYTHONPATH (a source tree's python/) after it.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                                     os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]

@@ -38,13 +38,19 @@ void raise_os_error(int code, const std::string& filename) {
   throw py::error_already_set();
 }
 
+void raise_os_error(int code, const FsPath& path) {
+  py::object args = py::make_tuple(code, std::strerror(code), path.given);
+  PyErr_SetObject(PyExc_OSError, args.ptr());
+  throw py::error_already_set();
+}
+
 namespace {
 
 // Maps (via `map`, which may throw std::system_error) and indexes a file with
 // the GIL released; OS errors become OSError naming `name`.
-template <class Map>
-std::shared_ptr<Archive> index_file(Map map, const std::string& name) {
-  std::shared_ptr<MappedFile> file;
+template <class Map, class Name>
+std::shared_ptr<Archive> index_file(Map map, const Name& name) {
+  std::shared_ptr<FileMemory> file;
   int os_error = 0;
   {
     py::gil_scoped_release release;
@@ -77,7 +83,7 @@ void register_archive(py::module_& m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const std::system_error& e) {
-      py::object args = py::make_tuple(e.code().value(), e.what());
+      py::object args = py::make_tuple(e.code().value(), message_text(e.what()));
       PyErr_SetObject(PyExc_OSError, args.ptr());
     }
   });
@@ -115,7 +121,7 @@ void register_archive(py::module_& m) {
 
   m.def(
       "allocate", [](size_t size) {
-        auto f = MappedFile::anonymous(size);
+        auto f = FileMemory::anonymous(size);
         return ByteView{f, f->mutable_data(), f->size()};
       },
       py::arg("size"), "Zero-filled writable memory to read a file-like object into.");
@@ -140,6 +146,17 @@ void register_archive(py::module_& m) {
       });
 
   m.def(
+      "check_crc",
+      [](const std::string& name, uint32_t stored, uint64_t size, uint64_t data_offset, uint32_t computed,
+         const std::string& file, const std::vector<std::string>& keys) {
+        ZipRecord r{name, 0, data_offset, size, size, stored, Method::Stored, 0};
+        check_crc(r, computed, file, keys);
+      },
+      py::arg("name"), py::arg("stored"), py::arg("size"), py::arg("data_offset"), py::arg("computed"),
+      py::arg("file") = "", py::arg("keys") = std::vector<std::string>{},
+      "The core's CRC verdict and message for a record known by its fields (no Archive at hand): "
+      "IntegrityError with .record and .keys on a mismatch.");
+  m.def(
       "judge_crc", [](const ZipRecord& r, uint32_t actual) { return std::string(crc_status_name(judge_crc(r, actual))); },
       py::arg("record"), py::arg("actual"),
       "'ok', 'mismatch' or 'unrecorded' (a stored CRC of 0 on a non-empty record): the one verdict rule.");
@@ -147,14 +164,14 @@ void register_archive(py::module_& m) {
   py::class_<Archive, std::shared_ptr<Archive>>(m, "Archive")
       .def_static(
           "open",
-          [](const std::string& path) {
-            return index_file([&] { return MappedFile::open(path); }, path);
+          [](const FsPath& path) {
+            return index_file([&] { return FileMemory::open(path.native); }, path);
           },
           py::arg("path"), "Map the file at `path` and index it (GIL released).")
       .def_static(
           "open_fd",
           [](int fd, uint64_t start, const std::string& name) {
-            return index_file([&] { return MappedFile::open_fd(fd, start, name); }, name);
+            return index_file([&] { return FileMemory::open_fd(fd, start, name); }, name);
           },
           py::arg("fd"), py::arg("start"), py::arg("name"),
           "Map the regular file open as descriptor `fd` (duplicated) from byte `start` on, and index it "
@@ -171,7 +188,13 @@ void register_archive(py::module_& m) {
           py::arg("buffer"), "Index an in-memory archive filled through allocate().")
       .def_property_readonly("prefix", [](const Archive& a) { return a.index.prefix(); })
       .def_property_readonly("size", [](const Archive& a) { return a.file->size(); })
-      .def_property_readonly("path", [](const Archive& a) { return a.file->path(); })
+      .def_property_readonly("path",
+                             [](const Archive& a) {
+                               const std::string& p = a.file->path();  // as given: file-system bytes
+                               PyObject* s = PyUnicode_DecodeFSDefaultAndSize(p.data(), static_cast<Py_ssize_t>(p.size()));
+                               if (s == nullptr) throw py::error_already_set();
+                               return py::reinterpret_steal<py::str>(s);
+                             })
       .def_property_readonly("central_directory_offset",
                              [](const Archive& a) { return a.index.central_directory_offset(); })
       .def("records",
@@ -212,7 +235,7 @@ void register_archive(py::module_& m) {
                 py::gil_scoped_release release;
                 actual = crc32(0, v.data, v.size);
               }
-              fastckpt::check_crc(r, actual);
+              a.check_crc(r, actual);
             }
             return py::bytes(reinterpret_cast<const char*>(v.data), v.size);
           },
@@ -239,7 +262,7 @@ void register_archive(py::module_& m) {
                                           " bytes but the destination has " + std::to_string(out.size()));
             auto results = copies_without_gil(a, {{r.data_offset, r.size, out.data(), check_crc}}, threads);
             if (!check_crc) return std::string("unchecked");
-            fastckpt::check_crc(r, results[0].crc32);
+            a.check_crc(r, results[0].crc32);
             return std::string(crc_status_name(judge_crc(r, results[0].crc32)));
           },
           py::arg("name"), py::arg("dest"), py::arg("check_crc") = true, py::arg("threads") = 0,
@@ -273,11 +296,19 @@ void register_archive(py::module_& m) {
             if (names.size() != crcs.size()) throw py::value_error("check_crcs: one CRC per name");
             for (size_t i = 0; i < names.size(); ++i) {
               const ZipRecord& r = a.record(names[i]);
-              fastckpt::check_crc(r, crcs[i]);
+              a.check_crc(r, crcs[i]);
             }
           },
           py::arg("names"), py::arg("crcs"),
           "Raise IntegrityError for the first record whose computed CRC-32 does not match its stored one.")
+      .def(
+          "check_crc",
+          [](const Archive& a, const std::string& name, uint32_t computed, const std::vector<std::string>& keys) {
+            a.check_crc(a.record(name), computed, keys);
+          },
+          py::arg("name"), py::arg("computed"), py::arg("keys") = std::vector<std::string>{},
+          "The core's CRC verdict for record `name`: IntegrityError (with .record and .keys, the tensors "
+          "it holds when the caller knows them) on a mismatch.")
       .def(
           "verify",
           [](py::object self, std::optional<std::vector<std::string>> names, unsigned threads) {
@@ -305,7 +336,7 @@ void register_archive(py::module_& m) {
               py::gil_scoped_release release;
               // CRC straight over a fresh read-only mapping (no copy into a
               // buffer first), read ahead in file order.
-              std::shared_ptr<MappedFile> view = MappedFile::shared_view(*a.file);
+              std::shared_ptr<FileMemory> view = FileMemory::shared_view(*a.file);
               if (view) view->advise(Advice::Sequential);
               results = run_copies(view ? *view : *a.file, tasks, threads);
             }

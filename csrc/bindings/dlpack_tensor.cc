@@ -10,7 +10,7 @@ namespace {
 constexpr size_t kInlineDims = 8;
 struct Block {
   DLManagedTensor managed;
-  std::shared_ptr<MappedFile> owner;
+  std::shared_ptr<FileMemory> owner;
   int64_t inline_dims[2 * kInlineDims];
   std::vector<int64_t> more_dims;  // shape followed by strides, for higher ranks
 };
@@ -28,7 +28,7 @@ void capsule_destructor(PyObject* capsule) {
 
 }  // namespace
 
-pybind11::capsule dlpack_capsule(std::shared_ptr<MappedFile> owner, uint8_t* data, DLDataType dtype,
+pybind11::capsule dlpack_capsule(std::shared_ptr<FileMemory> owner, uint8_t* data, DLDataType dtype,
                                  const std::vector<int64_t>& shape, const std::vector<int64_t>& strides) {
   auto block = std::make_unique<Block>();
   block->owner = std::move(owner);

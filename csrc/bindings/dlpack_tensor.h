@@ -11,7 +11,7 @@
 #include <memory>
 #include <vector>
 
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 
 namespace fastckpt::bindings {
 
@@ -41,7 +41,7 @@ struct DLManagedTensor {
 // Returns a capsule holding a DLManagedTensor over [data, data + extent) that
 // owns a reference to `owner`; torch frees it (without the GIL) when the
 // tensor's storage dies, or the capsule does if torch never consumed it.
-pybind11::capsule dlpack_capsule(std::shared_ptr<MappedFile> owner, uint8_t* data, DLDataType dtype,
+pybind11::capsule dlpack_capsule(std::shared_ptr<FileMemory> owner, uint8_t* data, DLDataType dtype,
                                  const std::vector<int64_t>& shape, const std::vector<int64_t>& strides);
 
 }  // namespace fastckpt::bindings

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/common.h"
+#include "bindings/storage_reference.h"
 #include "core/crc32.h"
 #include "core/errors.h"
 #include "core/tensor_bounds.h"
@@ -25,9 +26,18 @@ const char* exception_name(ErrorKind kind) {
 
 // The Python classes live in fastckpt.errors; looked up when first needed so
 // the extension stays importable on its own.
+// An error about one record carries its name and keys as attributes
+// (IntegrityError.record / .keys), set here rather than parsed from the text.
 void translate(const Error& e) {
   py::object cls = py::module_::import("fastckpt.errors").attr(exception_name(e.kind()));
-  PyErr_SetString(cls.ptr(), e.what());
+  py::object exc = cls(message_text(e.what()));
+  if (e.record().empty()) {
+    PyErr_SetObject(cls.ptr(), exc.ptr());
+    return;
+  }
+  exc.attr("record") = e.record();
+  exc.attr("keys") = py::tuple(py::cast(e.keys()));
+  PyErr_SetObject(cls.ptr(), exc.ptr());
 }
 
 }  // namespace
@@ -63,6 +73,24 @@ PYBIND11_MODULE(_core, m) {
          uint64_t storage_nbytes) { check_tensor_in_storage(offset, size, stride, element_bits, storage_nbytes); },
       py::arg("offset"), py::arg("size"), py::arg("stride"), py::arg("element_bits"), py::arg("storage_nbytes"),
       "Raise MetadataError unless the tensor lies inside its storage (the rule the builder applies).");
+
+  m.def(
+      "storage_reference",
+      [](py::handle pid) {
+        PersistentId scratch;
+        StorageId id = bindings::read_storage_reference(pid, scratch);
+        return py::make_tuple(id.key, id.location, id.numel);
+      },
+      py::arg("pid"),
+      "(key, location, numel) of a storage's persistent id ('storage', type, key, location, numel), judged by "
+      "the rule both native builders apply (UnsafeGlobalError / MetadataError otherwise).");
+  m.def(
+      "storage_nbytes",
+      [](const std::string& key, uint64_t numel, uint32_t itemsize) {
+        return storage_nbytes(StorageId{key, std::string(), numel}, itemsize);
+      },
+      py::arg("key"), py::arg("numel"), py::arg("itemsize"),
+      "numel * itemsize, overflow-checked (MetadataError naming storage `key`).");
 
   bindings::register_archive(m);
   bindings::register_unpickler(m);

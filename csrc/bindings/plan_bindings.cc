@@ -33,11 +33,11 @@ void register_plan(py::module_& m) {
                                            "Where every storage of one load comes from and goes.");
   py::enum_<StoragePlan::Mode>(plan, "Mode")
       .value("mapped", StoragePlan::Mode::Mapped)
-      .value("arena", StoragePlan::Mode::Arena)
+      .value("eager", StoragePlan::Mode::Eager)
       .value("meta", StoragePlan::Mode::Meta);
   py::enum_<StoragePlan::Source>(plan, "Source")
       .value("mapped", StoragePlan::Source::Mapped)
-      .value("arena", StoragePlan::Source::Arena)
+      .value("eager", StoragePlan::Source::Eager)
       .value("meta", StoragePlan::Source::Meta)
       .value("staged", StoragePlan::Source::Staged)
       .value("inflated", StoragePlan::Source::Inflated);
@@ -86,7 +86,7 @@ void register_plan(py::module_& m) {
             if (e.source == StoragePlan::Source::Meta || e.source == StoragePlan::Source::Staged)
               fail(ErrorKind::Record, "record 'data/" + key + "' is not read by this load");
             wait_for(p, e);
-            if (!e.bytes.owner) return ByteView{MappedFile::anonymous(0), nullptr, 0};
+            if (!e.bytes.owner) return ByteView{FileMemory::anonymous(0), nullptr, 0};
             return e.bytes;
           },
           py::arg("key"), py::arg("nbytes"),

@@ -16,10 +16,11 @@
 #include <unordered_map>
 
 #include "bindings/common.h"
+#include "bindings/storage_reference.h"
 #include "bindings/value_builder.h"
-#include "core/checked_math.h"
 #include "core/errors.h"
 #include "core/pickle_vm.h"
+#include "core/storage_rule.h"
 #include "core/tensor_bounds.h"
 
 namespace fastckpt::bindings {
@@ -139,36 +140,22 @@ class ReaderBuilder : public ValueBuilder<ReaderBuilder, ReaderValue> {
 
   // ('storage', storage class, key, location, numel) -> StorageInfo, one per key.
   Value persistent_load(Value& pid_value) {
-    PyObject* pid = pid_value.obj.ptr();
-    if (!PyTuple_CheckExact(pid) || PyTuple_GET_SIZE(pid) != 5)
-      unsafe("persistent id must be a 5-tuple ('storage', type, key, location, numel), got " + describe(pid_value));
-    py::handle tag = PyTuple_GET_ITEM(pid, 0), storage_type = PyTuple_GET_ITEM(pid, 1), key = PyTuple_GET_ITEM(pid, 2),
-               location = PyTuple_GET_ITEM(pid, 3), numel = PyTuple_GET_ITEM(pid, 4);
-    if (!PyUnicode_CheckExact(tag.ptr()) || PyUnicode_CompareWithASCIIString(tag.ptr(), "storage") != 0)
-      unsafe("only persistent ids of storages are allowed");
-    if (!PyUnicode_CheckExact(key.ptr()) || !PyUnicode_CheckExact(location.ptr()))
-      fail(ErrorKind::Metadata, "storage key and location must be strings");
-    std::string key_str = key.cast<std::string>();
-    auto cached = storages_.find(key_str);
+    const StorageId id = read_storage_reference(pid_value.obj, pid_scratch_);
+    auto cached = storages_.find(id.key);
     if (cached != storages_.end()) return Value{cached->second, 0, false};  // the first reference decides, as in torch
 
+    py::handle storage_type = PyTuple_GET_ITEM(pid_value.obj.ptr(), 1), key = PyTuple_GET_ITEM(pid_value.obj.ptr(), 2);
     const GlobalFacts* f = facts_of(storage_type);
     if (f == nullptr || f->kind != Kind::Storage)
-      fail(ErrorKind::Metadata, "persistent id of storage '" + key_str + "' names " + describe_handle(storage_type) +
+      fail(ErrorKind::Metadata, "persistent id of storage '" + id.key + "' names " + describe_handle(storage_type) +
                                     ", not a storage type");
-    int64_t n = as_int64(numel, "storage numel");
-    uint64_t nbytes;
-    if (n < 0 || !checked_mul(static_cast<uint64_t>(n), f->itemsize, &nbytes))
-      fail(ErrorKind::Metadata, "storage '" + key_str + "' has an invalid numel " + std::to_string(n));
-    const ZipRecord& record = archive_->record("data/" + key_str);
-    if (record.size != nbytes)
-      fail(ErrorKind::Record, "record 'data/" + key_str + "' holds " + std::to_string(record.size) +
-                                  " bytes but its storage needs " + std::to_string(nbytes) + " (" + std::to_string(n) +
-                                  " elements of " + std::to_string(f->itemsize) + " bytes)");
+    const uint64_t nbytes = storage_nbytes(id, f->itemsize);
+    const ZipRecord& record = archive_->record("data/" + id.key);
+    check_record_holds(record, nbytes);
     archive_->stored_data(record);  // stored (not deflated) and inside the file
-    py::object info = storage_info_(key, f->dtype, nbytes, record.name, record.data_offset, record.crc32, location);
+    py::object info = storage_info_(key, f->dtype, nbytes, record.name, record.data_offset, record.crc32, id.location);
     storage_facts_.emplace(info.ptr(), StorageFacts{nbytes, f->dtype, f->bits});
-    storages_.emplace(std::move(key_str), info);
+    storages_.emplace(id.key, info);
     return Value{std::move(info), 0, false};
   }
 
@@ -251,6 +238,7 @@ class ReaderBuilder : public ValueBuilder<ReaderBuilder, ReaderValue> {
   std::unordered_map<std::string, py::object> storages_;
   std::unordered_map<PyObject*, StorageFacts> storage_facts_;  // keyed by StorageInfo, held by storages_
   std::vector<int64_t> size_, stride_;                          // per-tensor scratch
+  PersistentId pid_scratch_;                                    // per-storage scratch
 };
 
 }  // namespace

@@ -19,11 +19,12 @@
 
 #include "bindings/common.h"
 #include "bindings/dlpack_tensor.h"
+#include "bindings/storage_reference.h"
 #include "bindings/value_builder.h"
-#include "core/checked_math.h"
 #include "core/crc32.h"
 #include "core/errors.h"
 #include "core/pickle_vm.h"
+#include "core/storage_rule.h"
 #include "core/tensor_bounds.h"
 
 namespace fastckpt::bindings {
@@ -273,38 +274,24 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   Value persistent_load(Value& pid_value) {
     ready(pid_value);
     py::object pid = materialize(pid_value);
-    if (!PyTuple_CheckExact(pid.ptr()) || PyTuple_GET_SIZE(pid.ptr()) != 5)
-      unsafe("persistent id must be a 5-tuple ('storage', type, key, location, numel), got " + describe(pid_value));
-    py::handle tag = PyTuple_GET_ITEM(pid.ptr(), 0), storage_type = PyTuple_GET_ITEM(pid.ptr(), 1),
-               key = PyTuple_GET_ITEM(pid.ptr(), 2), location = PyTuple_GET_ITEM(pid.ptr(), 3),
-               numel = PyTuple_GET_ITEM(pid.ptr(), 4);
-    if (!PyUnicode_CheckExact(tag.ptr()) || PyUnicode_CompareWithASCIIString(tag.ptr(), "storage") != 0)
-      unsafe("only persistent ids of storages are allowed");
-    if (!PyUnicode_CheckExact(key.ptr()) || !PyUnicode_CheckExact(location.ptr()))
-      fail(ErrorKind::Metadata, "storage key and location must be strings");
-    Py_ssize_t key_len = 0;
-    const char* key_utf8 = PyUnicode_AsUTF8AndSize(key.ptr(), &key_len);
-    if (key_utf8 == nullptr) throw py::error_already_set();
-    std::string key_str(key_utf8, static_cast<size_t>(key_len));
-    const StoragePlan::Entry* known = plan_.find(key_str);
+    const StorageId id = read_storage_reference(pid, pid_scratch_);
+    const StoragePlan::Entry* known = plan_.find(id.key);
     PyValue* cached = known != nullptr && known->id < cached_.size() && cached_[known->id].lazy ? &cached_[known->id] : nullptr;
-    if (cached == nullptr && !native_location(location)) return plain(policy_.persistent_load(pid));
+    if (cached == nullptr && !native_location(PyTuple_GET_ITEM(pid.ptr(), 3), id.location))
+      return plain(policy_.persistent_load(pid));
 
-    const DtypeInfo& info = storage_dtype(storage_type);
-    int64_t n = as_int64(numel, "storage numel");
-    uint64_t nbytes;
-    if (n < 0 || !checked_mul(static_cast<uint64_t>(n), info.itemsize, &nbytes))
-      fail(ErrorKind::Metadata, "storage '" + key_str + "' has an invalid numel " + std::to_string(n));
+    const DtypeInfo& info = storage_dtype(PyTuple_GET_ITEM(pid.ptr(), 1));
+    const uint64_t nbytes = storage_nbytes(id, info.itemsize);
     if (cached != nullptr) {  // only storages with bytes are cached, as in torch
       const StorageSlot& first = *cached->lazy->slot;
       if (first.dtype.is(info.dtype) && first.nbytes == nbytes) return *cached;
-      fail(ErrorKind::Metadata, "storage '" + key_str + "' is read as " + std::to_string(n) + " × " +
+      fail(ErrorKind::Metadata, "storage '" + id.key + "' is read as " + std::to_string(id.numel) + " × " +
                                     py::str(info.dtype).cast<std::string>() + " here but as " +
                                     std::to_string(first.nbytes / first.dtype.attr("itemsize").cast<uint64_t>()) + " × " +
                                     py::str(first.dtype).cast<std::string>() +
                                     " before: one non-empty record cannot hold both");
     }
-    const StoragePlan::Entry& entry = plan_.entry(key_str, nbytes);
+    const StoragePlan::Entry& entry = plan_.entry(id.key, nbytes);
     if (entry.source == StoragePlan::Source::Staged) return plain(policy_.persistent_load(pid));
     slots_.emplace_back();
     StorageSlot& slot = slots_.back();
@@ -343,7 +330,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
     const size_t upto = v.slots == kReachesAllSlots ? slots_.size() : v.slots;
     for (; ready_slots_ < upto; ++ready_slots_) {
       const StoragePlan::Entry& entry = *slots_[ready_slots_].entry;
-      if (entry.source == StoragePlan::Source::Arena) wait_for(plan_, entry);
+      if (entry.source == StoragePlan::Source::Eager) wait_for(plan_, entry);
     }
   }
 
@@ -374,10 +361,10 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
 
   // Whether the plan makes storages tagged `location` natively; torch.save
   // memoizes the location string, so one object serves all storages.
-  bool native_location(py::handle location) {
+  bool native_location(py::handle location, const std::string& text) {
     if (location.ptr() == last_location_.ptr()) return last_location_native_;
     last_location_ = py::reinterpret_borrow<py::object>(location);
-    last_location_native_ = plan_.native(location.cast<std::string>());
+    last_location_native_ = plan_.native(text);
     return last_location_native_;
   }
 
@@ -520,10 +507,11 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
       // The common case: the first tensor over its storage covers it whole.
       // One torch call makes both, over the bytes in place, shaped.
       contiguous_strides(size, contiguous_);
-      // SAFETY: the slot's bytes were checked to hold nbytes when it was made (inside the file, or its own memory),
-      // source bytes when the slot was made, and the tensor (numel * itemsize
-      // == nbytes, contiguous from offset 0) covers exactly that range; the
-      // capsule holds the owner until torch frees the tensor.
+      // SAFETY: the slot's bytes were checked to be nbytes long when the slot
+      // was made (a stored record inside the file, or memory the plan owns);
+      // the tensor (numel * itemsize == nbytes, contiguous from offset 0)
+      // covers exactly that range, and the capsule holds their owner until
+      // torch frees the tensor.
       py::capsule capsule = dlpack_capsule(slot.entry->bytes.owner, slot.entry->bytes.data, *dl, size,
                                            contiguous_);
       tensor = steal(PyObject_CallOneArg(from_dlpack_.ptr(), capsule.ptr()));
@@ -563,6 +551,7 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   size_t ready_slots_ = 0;         // slots_[0, ready_slots_) have their bytes
   py::object last_location_;
   bool last_location_native_ = false;
+  PersistentId pid_scratch_;
   std::unordered_map<PyObject*, DtypeInfo> dtypes_;
   std::unordered_map<PyObject*, uint32_t> element_bits_;
   std::unordered_map<PyObject*, std::optional<DLDataType>> dlpack_types_;
@@ -580,12 +569,21 @@ void register_unpickler(py::module_& m) {
         PyBuilder builder(ctx, plan);
         PickleLimits limits;
         PickleMachine<PyBuilder> machine(builder, limits);
-        PyValue result = machine.run(data.data(), data.size());
-        return builder.finish(result, limits.max_depth);
+        try {
+          PyValue result = machine.run(data.data(), data.size());
+          return builder.finish(result, limits.max_depth);
+        } catch (const py::error_already_set&) {  // fetched: no Python error is pending
+          ctx.attr("failed_at") = machine.position();
+          throw;
+        } catch (const Error&) {
+          ctx.attr("failed_at") = machine.position();
+          throw;
+        }
       },
       py::arg("pickle"), py::arg("ctx"), py::arg("plan"),
       "Run the restricted pickle machine over `pickle` with the policy `ctx`. Storages the plan makes "
-      "natively are CPU storages over its bytes; `ctx.persistent_load` makes the others.");
+      "natively are CPU storages over its bytes; `ctx.persistent_load` makes the others. On an error, "
+      "`ctx.failed_at` is the byte offset of the opcode that was running.");
 }
 
 }  // namespace fastckpt::bindings

@@ -78,12 +78,12 @@ PyMethodDef dispatch_def = {"type_dispatch", dispatch_by_type, METH_O,
 void register_writer(py::module_& m) {
   m.def(
       "replace_file",
-      [](const std::string& temporary, const std::string& target) {
+      [](const FsPath& temporary, const FsPath& target) {
         int error = 0;
         {
           py::gil_scoped_release release;
           try {
-            replace_file(temporary, target);
+            replace_file(temporary.native, target.native);
           } catch (const std::system_error& e) {
             error = e.code().value();
           }

@@ -21,12 +21,22 @@ const char* crc_status_name(CrcStatus s) noexcept {
   return "?";
 }
 
-void check_crc(const ZipRecord& r, uint32_t actual) {
+void check_crc(const ZipRecord& r, uint32_t actual, const std::string& file, const std::vector<std::string>& keys) {
   if (judge_crc(r, actual) != CrcStatus::Mismatch) return;
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "stored 0x%08x, computed 0x%08x", r.crc32, actual);
-  fail(ErrorKind::Integrity, "CRC-32 mismatch in " + describe_record(r) + ": " + buf +
-                                 "; the file is corrupted (run `fastckpt verify` for a full report)");
+  std::string where = "record '" + r.name + "'";
+  if (!file.empty()) where += " of " + file;
+  where += " (data at offset " + std::to_string(r.data_offset);
+  if (!keys.empty()) {
+    where += keys.size() == 1 ? "; storage of tensor " : "; storage of tensors ";
+    for (size_t i = 0; i < keys.size() && i < 4; ++i) where += (i ? ", '" : "'") + keys[i] + "'";
+    if (keys.size() > 4) where += ", ...";
+  }
+  char crcs[64];
+  std::snprintf(crcs, sizeof crcs, "stored 0x%08x, computed 0x%08x", r.crc32, actual);
+  throw Error(ErrorKind::Integrity,
+              "CRC-32 mismatch in " + where + "): " + crcs +
+                  "; the file is corrupted (run `fastckpt verify` for a full report)",
+              r.name, keys);
 }
 
 std::string describe_record(const ZipRecord& r) {

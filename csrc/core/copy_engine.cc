@@ -1,6 +1,6 @@
 // Parallel copy + CRC of byte ranges.
 //
-// Plan, then run. Every task is bounds-checked before any byte moves. Large
+// Split into work units, then run. Every task is bounds-checked before any byte moves. Large
 // tasks are cut into chunks so several workers share them (fresh destination
 // memory faults at a few GB/s per core: first-touch is what parallelism buys);
 // runs of small tasks are batched so a checkpoint of thousands of tiny tensors
@@ -56,9 +56,8 @@ constexpr uint64_t kBytesPerWorker = uint64_t{1} << 20;
 constexpr uint64_t kMaxReadBytes = uint64_t{1} << 30;
 // Reading from a file, the kernel is asked (POSIX_FADV_WILLNEED) to have
 // this much beyond the unit being started on its way from the disk, so the
-// disk stays busy while workers populate, copy and checksum. Devices with
-// the common 128 KiB read_ahead_kb need it; on the 8 MiB-read-ahead virtual
-// disk it was measured against, 0/16/32/64 MiB were level within noise.
+// disk stays busy while workers populate, copy and checksum (devices with
+// the common 128 KiB read_ahead_kb need it).
 constexpr uint64_t kReadAheadBytes = uint64_t{64} << 20;
 
 // What one worker does at a time: either one chunk of a large task, or a
@@ -78,26 +77,26 @@ bool has_work(const CopyTask& t) {
   return t.length != 0 && (t.destination != nullptr || t.compute_crc);
 }
 
-struct Plan {
+struct WorkUnits {
   std::vector<Unit> units;
   uint64_t total_bytes = 0;  // saturating
 };
 
-Plan make_plan(const MappedFile& file, const std::vector<CopyTask>& tasks) {
+WorkUnits split_into_units(const FileMemory& file, const std::vector<CopyTask>& tasks) {
   const bool use_pread = file.fd() >= 0;
-  Plan plan;
+  WorkUnits work;
   bool batch_open = false;
   uint64_t batch_bytes = 0;
 
   for (size_t i = 0; i < tasks.size(); ++i) {
     const CopyTask& t = tasks[i];
     if (!has_work(t)) continue;  // inside a batch's range it is skipped at run time
-    if (!checked_add(plan.total_bytes, t.length, &plan.total_bytes)) plan.total_bytes = UINT64_MAX;
+    if (!checked_add(work.total_bytes, t.length, &work.total_bytes)) work.total_bytes = UINT64_MAX;
 
     if (t.length >= kSmallTaskBytes) {
       batch_open = false;
       for (uint64_t off = 0; off < t.length; off += kChunkBytes)
-        plan.units.push_back({i, i + 1, true, off, std::min(kChunkBytes, t.length - off), 0, 0});
+        work.units.push_back({i, i + 1, true, off, std::min(kChunkBytes, t.length - off), 0, 0});
       continue;
     }
 
@@ -105,18 +104,18 @@ Plan make_plan(const MappedFile& file, const std::vector<CopyTask>& tasks) {
     const bool reads = use_pread;  // copies and verify-only tasks both read the file
     const uint64_t end = t.source_offset + t.length;  // inside the file: checked by the caller
     if (batch_open) {
-      const Unit& u = plan.units.back();
+      const Unit& u = work.units.back();
       bool fits = u.end_task - u.first_task < kBatchTasks && batch_bytes + t.length <= kBatchBytes;
       if (fits && reads && u.span_end != u.span_begin)
         fits = std::max(u.span_end, end) - std::min(u.span_begin, t.source_offset) <= kSpanBytes;
       batch_open = fits;
     }
     if (!batch_open) {
-      plan.units.push_back({i, i, false, 0, 0, 0, 0});
+      work.units.push_back({i, i, false, 0, 0, 0, 0});
       batch_open = true;
       batch_bytes = 0;
     }
-    Unit& u = plan.units.back();
+    Unit& u = work.units.back();
     if (reads) {
       const bool empty = u.span_end == u.span_begin;
       u.span_begin = empty ? t.source_offset : std::min(u.span_begin, t.source_offset);
@@ -125,11 +124,11 @@ Plan make_plan(const MappedFile& file, const std::vector<CopyTask>& tasks) {
     u.end_task = i + 1;
     batch_bytes += t.length;
   }
-  return plan;
+  return work;
 }
 
 // Reads exactly n bytes at `offset`, retrying on EINTR and short reads.
-void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offset) {
+void pread_full(const FileMemory& file, uint8_t* out, uint64_t n, uint64_t offset) {
   while (n > 0) {
     const size_t want = static_cast<size_t>(std::min(n, kMaxReadBytes));
     const ssize_t got = ::pread(file.fd(), out, want, static_cast<off_t>(file.file_offset() + offset));
@@ -149,16 +148,16 @@ void pread_full(const MappedFile& file, uint8_t* out, uint64_t n, uint64_t offse
 
 class Runner {
  public:
-  Runner(const MappedFile& file, const std::vector<CopyTask>& tasks, const Plan& plan, const TaskDone& on_done,
+  Runner(const FileMemory& file, const std::vector<CopyTask>& tasks, const WorkUnits& work, const TaskDone& on_done,
          unsigned workers)
-      : file_(file), tasks_(tasks), plan_(plan), on_done_(on_done), results_(tasks.size()),
-        chunk_crc_(plan.units.size(), 0), chunks_left_(new std::atomic<uint32_t>[tasks.size()]),
+      : file_(file), tasks_(tasks), work_(work), on_done_(on_done), results_(tasks.size()),
+        chunk_crc_(work.units.size(), 0), chunks_left_(new std::atomic<uint32_t>[tasks.size()]),
         first_chunk_(tasks.size(), 0), scratch_(workers == 0 ? 1 : workers) {
     for (size_t i = 0; i < tasks.size(); ++i) chunks_left_[i].store(0, std::memory_order_relaxed);
-    for (size_t u = plan.units.size(); u-- > 0;) {
-      if (!plan.units[u].chunk) continue;
-      chunks_left_[plan.units[u].first_task].fetch_add(1, std::memory_order_relaxed);
-      first_chunk_[plan.units[u].first_task] = u;  // chunks of a task are consecutive units
+    for (size_t u = work.units.size(); u-- > 0;) {
+      if (!work.units[u].chunk) continue;
+      chunks_left_[work.units[u].first_task].fetch_add(1, std::memory_order_relaxed);
+      first_chunk_[work.units[u].first_task] = u;  // chunks of a task are consecutive units
     }
     if (const char* delay = std::getenv("FASTCKPT_TEST_READ_DELAY_US")) delay_us_ = std::atol(delay);
   }
@@ -166,7 +165,7 @@ class Runner {
   // Runs one unit on `worker`'s thread.
   void run_unit(size_t u, unsigned worker) {
     std::unique_ptr<uint8_t[]>& scratch = scratch_[worker];  // allocated on first use, left uninitialised
-    const Unit& unit = plan_.units[u];
+    const Unit& unit = work_.units[u];
     if (delay_us_ > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay_us_));
     if (file_.fd() >= 0) read_ahead(u);
     if (unit.chunk) {
@@ -193,7 +192,7 @@ class Runner {
   // one call; only bytes some unit will read are hinted, so a partial load
   // reads no gaps.
   void read_ahead(size_t u) {
-    const std::vector<Unit>& units = plan_.units;
+    const std::vector<Unit>& units = work_.units;
     const uint64_t horizon = unit_end(units[u]) + kReadAheadBytes;
     size_t seen = next_hint_.load(std::memory_order_relaxed);
     size_t to;
@@ -228,10 +227,10 @@ class Runner {
   void complete_chunked(size_t task) {
     if (tasks_[task].compute_crc) {
       uint32_t crc = 0;
-      for (size_t u = first_chunk_[task]; u < plan_.units.size() && plan_.units[u].chunk &&
-                                          plan_.units[u].first_task == task; ++u)
-        crc = plan_.units[u].chunk_offset == 0 ? chunk_crc_[u]
-                                               : crc32_combine(crc, chunk_crc_[u], plan_.units[u].chunk_length);
+      for (size_t u = first_chunk_[task]; u < work_.units.size() && work_.units[u].chunk &&
+                                          work_.units[u].first_task == task; ++u)
+        crc = work_.units[u].chunk_offset == 0 ? chunk_crc_[u]
+                                               : crc32_combine(crc, chunk_crc_[u], work_.units[u].chunk_length);
       results_[task].crc32 = crc;
     }
     if (on_done_) on_done_(task, results_[task].crc32);
@@ -309,9 +308,9 @@ class Runner {
     return crc;
   }
 
-  const MappedFile& file_;
+  const FileMemory& file_;
   const std::vector<CopyTask>& tasks_;
-  const Plan& plan_;
+  const WorkUnits& work_;
   const TaskDone& on_done_;
   // Each element is written by the one worker that owns its task or unit.
   std::vector<CopyResult> results_;
@@ -325,7 +324,7 @@ class Runner {
 
 }  // namespace
 
-std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
+std::vector<CopyResult> run_copies(const FileMemory& file, const std::vector<CopyTask>& tasks,
                                    unsigned threads, const TaskDone& on_done) {
   for (size_t i = 0; i < tasks.size(); ++i) {
     const CopyTask& t = tasks[i];
@@ -336,17 +335,17 @@ std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<Cop
                                   (file.path().empty() ? std::string("the buffer") : file.path()) +
                                   " (" + std::to_string(file.size()) + " bytes)");
   }
-  const Plan plan = make_plan(file, tasks);
+  const WorkUnits work = split_into_units(file, tasks);
 
   if (threads == 0) threads = default_thread_count();
-  uint64_t workers = std::min<uint64_t>(threads, plan.units.size());
-  workers = std::min(workers, std::max<uint64_t>(1, plan.total_bytes / kBytesPerWorker));
+  uint64_t workers = std::min<uint64_t>(threads, work.units.size());
+  workers = std::min(workers, std::max<uint64_t>(1, work.total_bytes / kBytesPerWorker));
 
   if (on_done)  // tasks without work are complete from the start
     for (size_t i = 0; i < tasks.size(); ++i)
       if (!has_work(tasks[i])) on_done(i, 0);
-  Runner runner(file, tasks, plan, on_done, static_cast<unsigned>(workers));
-  run_units(plan.units.size(), static_cast<unsigned>(workers),
+  Runner runner(file, tasks, work, on_done, static_cast<unsigned>(workers));
+  run_units(work.units.size(), static_cast<unsigned>(workers),
             [&runner](size_t u, unsigned worker) { runner.run_unit(u, worker); });
   return runner.take_results();
 }

@@ -7,13 +7,13 @@
 #include <functional>
 #include <vector>
 
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 #include "core/work_pool.h"  // default_thread_count
 
 namespace fastckpt {
 
 struct CopyTask {
-  uint64_t source_offset;  // into the MappedFile (bounds-checked by the engine)
+  uint64_t source_offset;  // into the FileMemory (bounds-checked by the engine)
   uint64_t length;
   uint8_t* destination;    // nullptr: CRC only (verify)
   bool compute_crc;
@@ -35,7 +35,7 @@ using TaskDone = std::function<void(size_t task, uint32_t crc32)>;
 // errors and fastckpt::Error(Record) when a range lies outside the file.
 // FASTCKPT_TEST_READ_DELAY_US (tests only) delays every unit of work, so a
 // test can catch a reader of bytes that are not there yet.
-std::vector<CopyResult> run_copies(const MappedFile& file, const std::vector<CopyTask>& tasks,
+std::vector<CopyResult> run_copies(const FileMemory& file, const std::vector<CopyTask>& tasks,
                                    unsigned threads = 0, const TaskDone& on_done = {});
 
 }  // namespace fastckpt

@@ -4,6 +4,8 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace fastckpt {
 
@@ -21,10 +23,19 @@ class Error : public std::runtime_error {
  public:
   Error(ErrorKind kind, const std::string& message)
       : std::runtime_error(message), kind_(kind) {}
+  // An error about one record: `record` is its name, `keys` what it holds
+  // (storage keys or tensor names), when known. The bindings set them as the
+  // Python exception's attributes, so callers never parse the message.
+  Error(ErrorKind kind, const std::string& message, std::string record, std::vector<std::string> keys)
+      : std::runtime_error(message), kind_(kind), record_(std::move(record)), keys_(std::move(keys)) {}
   ErrorKind kind() const noexcept { return kind_; }
+  const std::string& record() const noexcept { return record_; }  // empty when none
+  const std::vector<std::string>& keys() const noexcept { return keys_; }
 
  private:
   ErrorKind kind_;
+  std::string record_;
+  std::vector<std::string> keys_;
 };
 
 [[noreturn]] inline void fail(ErrorKind kind, const std::string& message) {

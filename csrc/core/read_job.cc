@@ -19,7 +19,7 @@ ReadJob::ReadJob(std::shared_ptr<const Archive> archive, std::vector<const ZipRe
     const ZipRecord& r = *records_[i];
     archive_->stored_data(r);  // stored and inside the file: bounds the size before it sizes memory
     if (r.size >= kSmall) {
-      std::shared_ptr<MappedFile> own = MappedFile::heap(static_cast<size_t>(r.size));
+      std::shared_ptr<FileMemory> own = FileMemory::heap(static_cast<size_t>(r.size));
       memory_[i] = {own, own->mutable_data(), static_cast<size_t>(r.size)};
       tasks.push_back({r.data_offset, r.size, own->mutable_data(), check_crc_});
       ++i;
@@ -35,7 +35,7 @@ ReadJob::ReadJob(std::shared_ptr<const Archive> archive, std::vector<const ZipRe
       used = (used + records_[end]->size + 63) & ~uint64_t{63};
       ++end;
     }
-    std::shared_ptr<MappedFile> block = used != 0 ? MappedFile::heap(static_cast<size_t>(used)) : nullptr;
+    std::shared_ptr<FileMemory> block = used != 0 ? FileMemory::heap(static_cast<size_t>(used)) : nullptr;
     for (size_t j = i; j < end; ++j) {
       const ZipRecord& s = *records_[j];
       // SAFETY: at[j - i] + s.size <= used, the block's size, by construction of `at`.
@@ -71,7 +71,7 @@ void ReadJob::record_done(size_t i, uint32_t crc) {
 }
 
 void ReadJob::check(size_t i) const {
-  if (check_crc_) check_crc(*records_[i], crcs_[i]);
+  if (check_crc_) archive_->check_crc(*records_[i], crcs_[i]);
 }
 
 void ReadJob::wait_record(size_t i) {

@@ -5,6 +5,7 @@
 
 #include "core/copy_engine.h"
 #include "core/errors.h"
+#include "core/storage_rule.h"
 
 namespace fastckpt {
 namespace {
@@ -70,7 +71,7 @@ StoragePlan::StoragePlan(std::shared_ptr<const Archive> archive, Mode mode, Loca
     : archive_(std::move(archive)), mode_(mode), rule_(std::move(rule)), native_cpu_(native_cpu) {
   // One sequential pass over the index: random probes into a large index cost a cache miss each.
   const auto& records = archive_->index.records();
-  const Source source = mode_ == Mode::Mapped ? Source::Mapped : mode_ == Mode::Arena ? Source::Arena : Source::Meta;
+  const Source source = mode_ == Mode::Mapped ? Source::Mapped : mode_ == Mode::Eager ? Source::Eager : Source::Meta;
   for (const ZipRecord& r : records) {
     if (r.name.compare(0, kDataPrefix.size(), kDataPrefix) != 0) continue;
     std::string_view key = std::string_view(r.name).substr(kDataPrefix.size());
@@ -117,9 +118,9 @@ void StoragePlan::stage(std::string_view key) {
 
 void StoragePlan::adopt(std::string_view key, const uint8_t* data, size_t size) {
   Entry* e = find_mutable(key);
-  if (e == nullptr || started_ || mode_ != Mode::Arena || e->record->size != size)
+  if (e == nullptr || started_ || mode_ != Mode::Eager || e->record->size != size)
     fail(ErrorKind::Record, "cannot adopt the bytes of record '" + record_name(key) + "'");
-  std::shared_ptr<MappedFile> own = size != 0 ? MappedFile::heap(size) : nullptr;
+  std::shared_ptr<FileMemory> own = size != 0 ? FileMemory::heap(size) : nullptr;
   if (size != 0) std::memcpy(own->mutable_data(), data, size);
   e->bytes = {own, own ? own->mutable_data() : nullptr, size};
   e->source = Source::Inflated;
@@ -128,7 +129,7 @@ void StoragePlan::adopt(std::string_view key, const uint8_t* data, size_t size) 
 std::vector<std::string> StoragePlan::deflated_keys() const {
   std::vector<std::string> keys;
   auto add = [&](const Entry& e) {
-    if (e.record != nullptr && e.record->method != Method::Stored && e.source == Source::Arena)
+    if (e.record != nullptr && e.record->method != Method::Stored && e.source == Source::Eager)
       keys.push_back(e.record->name.substr(kDataPrefix.size()));
   };
   for (const Entry& e : numbered_) add(e);
@@ -139,16 +140,16 @@ std::vector<std::string> StoragePlan::deflated_keys() const {
 void StoragePlan::start(bool check_crc, unsigned threads) {
   if (started_) return;
   started_ = true;
-  // The records this plan reads (Arena) or checks (Mapped), in file order.
+  // The records this plan reads (Eager) or checks (Mapped), in file order.
   std::vector<Entry*> mine;
   auto collect = [&](Entry& e) {
-    if (e.record != nullptr && e.source == (mode_ == Mode::Arena ? Source::Arena : Source::Mapped)) mine.push_back(&e);
+    if (e.record != nullptr && e.source == (mode_ == Mode::Eager ? Source::Eager : Source::Mapped)) mine.push_back(&e);
   };
   for (Entry& e : numbered_) collect(e);
   for (auto& [key, e] : named_) collect(e);
   std::sort(mine.begin(), mine.end(), [](const Entry* a, const Entry* b) { return a->record->data_offset < b->record->data_offset; });
 
-  if (mode_ == Mode::Arena) {
+  if (mode_ == Mode::Eager) {
     std::vector<const ZipRecord*> records;
     records.reserve(mine.size());
     for (size_t i = 0; i < mine.size(); ++i) {
@@ -170,9 +171,9 @@ void StoragePlan::start(bool check_crc, unsigned threads) {
     }
     if (!tasks.empty()) {
       // Over a fresh read-only mapping: the file's bytes, not private writes of the load's own.
-      std::shared_ptr<MappedFile> view = MappedFile::shared_view(*archive_->file);
+      std::shared_ptr<FileMemory> view = FileMemory::shared_view(*archive_->file);
       std::vector<CopyResult> results = run_copies(view ? *view : *archive_->file, tasks, threads);
-      for (size_t i = 0; i < checked.size(); ++i) fastckpt::check_crc(*checked[i], results[i].crc32);
+      for (size_t i = 0; i < checked.size(); ++i) archive_->check_crc(*checked[i], results[i].crc32);
     }
   }
 }
@@ -187,16 +188,14 @@ const StoragePlan::Entry& StoragePlan::entry(std::string_view key, uint64_t nbyt
   const Entry* e = &lookup(key);
   const ZipRecord& r = *e->record;
   if (e->source == Source::Meta) return *e;  // no bytes are read: torch checks no size either
-  if (r.size != nbytes)
-    fail(ErrorKind::Record, "record '" + r.name + "' holds " + std::to_string(r.size) +
-                                " bytes but its storage needs " + std::to_string(nbytes));
+  check_record_holds(r, nbytes);
   if (e->source == Source::Mapped && r.method != Method::Stored)
     fail(ErrorKind::Record, "record '" + r.name + "' is compressed; mmap=True needs stored records (load with mmap=False)");
   return *e;
 }
 
 void StoragePlan::wait(const Entry& e) {
-  if (e.source != Source::Arena) return;
+  if (e.source != Source::Eager) return;
   if (!job_) fail(ErrorKind::Record, "record '" + e.record->name + "' is read before the load started");
   job_->wait_record(e.job_index);
 }

@@ -48,11 +48,11 @@ class StoragePlan {
   // The load's mode: zero-copy views of the mapping (mmap=True), an eager
   // parallel read into memory of each record's own, or no bytes at all
   // (map_location="meta").
-  enum class Mode : uint8_t { Mapped, Arena, Meta };
+  enum class Mode : uint8_t { Mapped, Eager, Meta };
   // Where one storage's bytes come from. Staged: read and copied to a device
   // by another reader (the device stager), never through this plan's memory.
   // Inflated: a deflated record, inflated by the caller and adopted.
-  enum class Source : uint8_t { Mapped, Arena, Meta, Staged, Inflated };
+  enum class Source : uint8_t { Mapped, Eager, Meta, Staged, Inflated };
 
   // `native_cpu`: whether storages that stay on the CPU may be made over the
   // plan's bytes as they are (false when bytes must be swapped or a
@@ -72,20 +72,20 @@ class StoragePlan {
 
   // Before start(): storage `key` goes to a device through another reader.
   void stage(std::string_view key);
-  // Before start(), Arena mode: the inflated bytes of a deflated record
+  // Before start(), Eager mode: the inflated bytes of a deflated record
   // (copied into memory of the plan's; their CRC was checked by the caller).
   void adopt(std::string_view key, const uint8_t* data, size_t size);
-  // Deflated records an Arena load must be given with adopt().
+  // Deflated records an Eager load must be given with adopt().
   std::vector<std::string> deflated_keys() const;
-  // Starts the eager read (Arena), or checks every mapped record's CRC-32 up
+  // Starts the eager read (Eager mode), or checks every mapped record's CRC-32 up
   // front when `check_crc` (Mapped; throws Error(Integrity)).
   void start(bool check_crc, unsigned threads);
 
   struct Entry {
     const ZipRecord* record = nullptr;
     Source source = Source::Meta;
-    size_t job_index = SIZE_MAX;  // Arena: its record's index in the read job
-    ByteView bytes;               // Mapped, Arena (complete after wait), Inflated
+    size_t job_index = SIZE_MAX;  // Eager: its record's index in the read job
+    ByteView bytes;               // Mapped, Eager (complete after wait), Inflated
     size_t id = 0;                // dense, below entry_count(): callers index their own tables by it
   };
   size_t entry_count() const noexcept { return numbered_.size() + named_.size(); }
@@ -96,7 +96,7 @@ class StoragePlan {
   // The same for a storage of `nbytes` bytes; throws Error(Record) when its
   // record is of another size or (Mapped) compressed.
   const Entry& entry(std::string_view key, uint64_t nbytes) const;
-  // Blocks until the entry's bytes are read and checked (Arena); throws
+  // Blocks until the entry's bytes are read and checked (Eager); throws
   // Error(Integrity) on a CRC mismatch.
   void wait(const Entry& e);
   // Waits for every read; throws for the first failure or CRC mismatch.

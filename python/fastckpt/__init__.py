@@ -20,7 +20,7 @@ _LAZY = {
     "load": "fastckpt.loader",
     "get_unsafe_globals_in_checkpoint": "fastckpt.inspection",
     "open": "fastckpt.reader",
-    "load_sharded": "fastckpt.reader",
+    "load_sharded": "fastckpt.loader",
     "convert": "fastckpt.converter",
     "save": "fastckpt.writer",
 }
@@ -28,7 +28,7 @@ _LAZY = {
 
 def __getattr__(name):
     # torch is imported on first use of the loader or the writer, not by `import fastckpt`
-    # (fastckpt.open, load_sharded's index reading and convert never import it).
+    # (fastckpt.open, inspect, verify and convert never import it).
     import importlib
 
     if name in _LAZY:

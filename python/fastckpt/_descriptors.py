@@ -162,6 +162,8 @@ def _encode(text, encoding="latin1"):
 
 
 def _layout(name):
+    if type(name) is not str:  # torch's _get_layout looks the name up: anything else fails there too
+        raise_metadata(f"torch.serialization._get_layout of a {type(name).__name__}, not a layout name")
     return Global(name)
 
 
@@ -192,5 +194,5 @@ def call(name: str, args: tuple):
         return Placeholder(name, args)
     try:
         return fn(*args)
-    except TypeError as e:
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. OrderedDict([[1]]): not (key, value) pairs
         raise_metadata(f"{name} with the file's arguments failed: {e}")

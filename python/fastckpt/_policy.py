@@ -12,7 +12,8 @@ Policy, through this protocol:
 - ``persistent_load(pid)``: storages the plan leaves to Python; ``storage_dtype``, ``dtype_bits``,
   ``dlpack_dtype``: dtype facts; ``rebuild_tensor_v2/_v3``, ``rebuild_qtensor``,
   ``rebuild_tensor``: the functions whose calls are made (or checked) natively;
-- ``message(text)``: the text of an UnpicklingError as torch.load words it.
+- ``message(text, data_pickle)``: the text of an UnpicklingError as torch.load words it; the
+  builder sets ``failed_at`` (the byte offset of the opcode it stopped at) before raising.
 
 Everything here mirrors torch 2.13's ``torch.load`` and ``torch._weights_only_unpickler``.
 """
@@ -23,6 +24,7 @@ import functools
 import inspect
 import os
 import pickle
+import pickletools
 import re
 import sys
 import warnings
@@ -33,8 +35,8 @@ from torch import _weights_only_unpickler as _wo
 from torch.serialization import UNSAFE_MESSAGE, StorageType
 
 from fastckpt import _native
+from fastckpt._pickles import python3_name
 from fastckpt._storages import Storages
-from fastckpt.inspection import python3_name
 from fastckpt.errors import LimitError, MetadataError, UnsafeGlobalError
 
 _TRUE_VALUES = ("1", "y", "yes", "true")
@@ -110,6 +112,32 @@ def weights_only_message(message: str) -> str:
     return text + "\n\n" + message + DOCS_MESSAGE
 
 
+# The opcodes torch's weights-only Unpickler reads (Unpickler.load); it stops at any other with
+# "Unsupported operand N". The native machine reads them all (protocols 0-5 load), but a refused
+# load is reported as torch would have reported it.
+_TORCH_WO_OPCODES = frozenset(op[0] for op in (
+    pickle.GLOBAL, pickle.NEWOBJ, pickle.REDUCE, pickle.BUILD, pickle.APPEND, pickle.APPENDS, pickle.SETITEM,
+    pickle.SETITEMS, pickle.MARK, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3, pickle.NONE,
+    pickle.NEWFALSE, pickle.NEWTRUE, pickle.EMPTY_TUPLE, pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_SET,
+    pickle.BININT, pickle.BININT1, pickle.BININT2, pickle.BINFLOAT, pickle.BINUNICODE, pickle.SHORT_BINSTRING,
+    pickle.BINPERSID, pickle.BINGET, pickle.LONG_BINGET, pickle.BINPUT, pickle.LONG_BINPUT, pickle.LONG1,
+    pickle.PROTO, pickle.STOP))
+
+
+def torch_refusal(data_pickle: bytes, failed_at: int) -> str | None:
+    """torch's weights-only error for a pickle refused at byte `failed_at`, when torch would have
+    stopped sooner, at an opcode it does not read (a FRAME of protocol 4 and 5): else None."""
+    try:
+        for op, _, pos in pickletools.genops(data_pickle):
+            if pos > failed_at:
+                return None
+            if ord(op.code) not in _TORCH_WO_OPCODES:
+                return f"Unsupported operand {ord(op.code)}"
+    except ValueError:  # malformed after the point: torch's own error would be another
+        return None
+    return None
+
+
 _BLOCKED_MODULES = ("sys", "os", "posix", "nt")
 # weights_only: the most bytes an allowlisted constructor (bytearray(N)) may be asked for by
 # an integer from the file; torch.save never writes such calls (storages come by persistent id).
@@ -155,8 +183,9 @@ class _Context:
         self.dlpack_dtype = storages.dlpack_dtype
         self.persistent_load = storages.persistent_load
 
-    @staticmethod
-    def message(text: str) -> str:
+    failed_at = -1
+
+    def message(self, text: str, data_pickle: bytes) -> str:
         return text
 
 
@@ -251,7 +280,9 @@ class WeightsOnlyContext(_Context):
 
     permissive = False
     settable_mappings = (OrderedDict, Counter)
-    message = staticmethod(weights_only_message)
+
+    def message(self, text: str, data_pickle: bytes) -> str:
+        return weights_only_message(torch_refusal(data_pickle, self.failed_at) or text)
 
     def __init__(self, storages: Storages, encoding: str):
         super().__init__(storages, encoding)

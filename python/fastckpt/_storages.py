@@ -8,10 +8,10 @@ import sys
 
 import numpy
 import torch
-from torch.serialization import StorageType, _get_restore_location, _maybe_decode_ascii
+from torch.serialization import StorageType, _get_restore_location
 
 from fastckpt import _native
-from fastckpt.errors import CheckpointError, MetadataError, UnsafeGlobalError
+from fastckpt.errors import CheckpointError, MetadataError
 
 Source = _native.StoragePlan.Source
 _PACKED_BITS = {torch.quint4x2: 4, torch.quint2x4: 2}
@@ -81,17 +81,9 @@ class Storages:
         return _PACKED_BITS.get(dtype, dtype.itemsize * 8)
 
     def persistent_load(self, saved_id):
-        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
-            raise UnsafeGlobalError(f"persistent id must be a 5-tuple ('storage', type, key, location, numel), got {saved_id!r}")
-        typename, storage_type, key, location, numel = saved_id
-        if _maybe_decode_ascii(typename) != "storage":
-            raise UnsafeGlobalError(f"only persistent ids of storages are allowed, got {typename!r}")
-        dtype, itemsize = self.storage_dtype(storage_type)
-        if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
-            raise MetadataError(f"malformed persistent id {saved_id!r}")
-        if not isinstance(location, (str, bytes)):
-            raise MetadataError(f"persistent id of storage '{key}' has location {location!r}, not a string")
-        nbytes = numel * itemsize
+        key, location, numel = _native.storage_reference(saved_id)  # the core's rule, as the native builders
+        dtype, itemsize = self.storage_dtype(saved_id[1])
+        nbytes = _native.storage_nbytes(key, numel, itemsize)
         if key in self._loaded:
             loaded = self._loaded[key]
             if loaded.dtype is not dtype or loaded._size() * loaded._element_size() != nbytes:
@@ -100,7 +92,6 @@ class Storages:
                     "before: one non-empty record cannot hold both"
                 )
             return loaded
-        location = _maybe_decode_ascii(location)
         source = self._plan.source(key, nbytes)
         if source == Source.meta:
             storage = torch.UntypedStorage(nbytes, device="meta")
@@ -119,11 +110,9 @@ class Storages:
                     raise
                 raise MetadataError(str(e)) from e
         typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
-        if typed._data_ptr() != 0:  # torch does not cache meta or empty storages
+        if nbytes != 0 and typed._data_ptr() != 0:  # as torch: meta and empty storages are not cached
             self._loaded[key] = typed
         return typed
-
-
 
 
 def native_byteorder_differs(byteorder: bytes | None) -> bool:

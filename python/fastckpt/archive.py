@@ -9,7 +9,7 @@ import stat
 import zlib
 
 from fastckpt import _native
-from fastckpt.errors import FormatError, IntegrityError, LimitError, RecordError
+from fastckpt.errors import FormatError, LimitError, RecordError
 
 # A deflated record (a re-zipped checkpoint) is inflated into owned memory, but
 # never beyond this many bytes nor beyond what its header declares.
@@ -91,14 +91,9 @@ def _inflate(archive: _native.Archive, info: _native.Record, check_crc: bool) ->
     return data
 
 
-def check_storage_crc(archive: _native.Archive, record: str, computed: int, tensor: str, where: str = "") -> None:
-    """The core's CRC verdict for a storage read outside a load; the message names its tensor (and `where`)."""
-    info = archive.record(record)
-    if _native.judge_crc(info, computed) == "mismatch":
-        raise IntegrityError(
-            f"CRC-32 mismatch in record '{record}' (storage of tensor '{tensor}'){where}: "
-            f"stored 0x{info.crc32:08x}, computed 0x{computed:08x}; the file is corrupted"
-        )
+def check_storage_crc(archive: _native.Archive, record: str, computed: int, tensor: str) -> None:
+    """The core's CRC verdict for a storage read outside a load; the error names its tensor (``.keys``)."""
+    archive.check_crc(record, computed, [tensor])
 
 
 def check_version(archive: _native.Archive) -> None:
@@ -148,12 +143,23 @@ class RecordStatus:
     alignment: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class VerifyReport:
     path: str
     prefix: str
     records: list[RecordStatus]
     crc32_implementation: str
+
+    def __repr__(self) -> str:
+        """One line: the verdict, counts by status and bytes; the records themselves are `.records`."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        by_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        failed = self.failures
+        named = f"; failed: {', '.join(r.name for r in failed[:3])}{', ...' if len(failed) > 3 else ''}" if failed else ""
+        return (f"<VerifyReport {self.path!r}: {'ok' if self.ok else 'FAILED'}, {len(self.records)} records "
+                f"({by_status or 'none'}), {sum(r.size for r in self.records):,} bytes{named}>")
 
     @property
     def ok(self) -> bool:

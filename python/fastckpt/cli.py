@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from fastckpt.errors import CheckpointError, IntegrityError
+from fastckpt.errors import CheckpointError, IntegrityError, MissingDtypeError
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_UNREADABLE = 0, 1, 2
 
@@ -24,12 +24,16 @@ class _Unreadable(Exception):
 
 def _files(path, command: str) -> list[str]:
     """The zip files `command` works on: the file itself, or every shard of a sharded checkpoint."""
+    from fastckpt._formats import find_index, read_index
     from fastckpt.inspection import identify
-    from fastckpt.reader import ShardedReader, find_index
 
     kind, what = identify(path)
     if kind == "sharded":
-        return [os.fspath(p) for p in ShardedReader(find_index(path)).shards]
+        index = read_index(find_index(path))
+        shards = [os.fspath(index.shard_path(shard)) for shard in index.shards()]
+        if not shards:
+            raise _Unreadable(f"{what}, but its index maps no tensor to a shard")
+        return shards
     if kind == "checkpoint" or (kind == "torchscript" and command == "verify"):
         return [os.fspath(path)]
     raise _Unreadable(what)
@@ -56,8 +60,9 @@ def _progress(total: int, what: str):
 
 
 def _verify_file(path: str, threads) -> dict:
+    from fastckpt._tree import tensors_by_record
     from fastckpt.archive import verify
-    from fastckpt.inspection import read_tree, tensors_by_record
+    from fastckpt.inspection import read_tree
 
     with _progress(os.path.getsize(path), f"verify {os.path.basename(path)}") as progress:
         report = verify(path, threads=threads, progress=progress)
@@ -128,7 +133,8 @@ def _convert(args) -> int:
     total = sum(os.path.getsize(f) for f in _files(args.src, "convert"))
     with _progress(total, f"convert {os.path.basename(os.fspath(args.src))}") as progress:
         written = convert(args.src, args.dst, max_shard_size=args.max_shard_size,
-                          drop_non_tensors=args.drop_non_tensors, progress=progress)
+                          drop_non_tensors=args.drop_non_tensors, progress=progress,
+                          allow_expansion=args.allow_expansion)
     for path in written:
         print(path)
     return EXIT_OK
@@ -161,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="the .safetensors file (or folder) to write")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB: write shards and model.safetensors.index.json")
     p.add_argument("--drop-non-tensors", action="store_true", help="leave out epoch, config... instead of refusing")
+    p.add_argument("--allow-expansion", action="store_true",
+                   help="write expanded (stride-0) views even where the output is over 4x the checkpoint")
     sub.add_parser("bench", help="benchmark fastckpt against torch.load and safetensors (see `fastckpt bench -h`)",
                    add_help=False)
     return parser
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (`| head`): stop quietly; Python would complain flushing stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, MissingDtypeError) as e:
         print(f"fastckpt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
 

@@ -6,6 +6,8 @@ unpickling are also ``pickle.UnpicklingError``\\ s, so code that catches torch's
 exceptions keeps working. Operating-system failures stay ``OSError``.
 """
 
+from __future__ import annotations
+
 import pickle
 
 
@@ -18,7 +20,20 @@ class FormatError(CheckpointError):
 
 
 class IntegrityError(CheckpointError):
-    """A record's CRC-32 does not match its bytes."""
+    """A record's CRC-32 does not match its bytes.
+
+    Attributes, set where the error is raised (never parsed from the message):
+
+    - ``record``: the name of the record in the archive (``"data/0"``, ``"data.pkl"``),
+      or None when unknown;
+    - ``keys``: a tuple of the tensor names (or storage keys) the record holds, when
+      known; empty otherwise.
+    """
+
+    def __init__(self, *args, record: str | None = None, keys=()):
+        super().__init__(*args)
+        self.record = record
+        self.keys = tuple(keys)
 
 
 class RecordError(CheckpointError):
@@ -41,6 +56,12 @@ class UnsafeGlobalError(UnpicklingError):
     """weights_only refused a global or an operation on it."""
 
 
+class MissingDtypeError(ImportError):
+    """A tensor's dtype needs an optional package (bfloat16 / float8 in numpy: ml_dtypes) that is
+    not installed; the message names the tensor and what to install. Not a CheckpointError: the
+    file is fine."""
+
+
 __all__ = [
     "CheckpointError",
     "FormatError",
@@ -50,4 +71,5 @@ __all__ = [
     "MetadataError",
     "UnpicklingError",
     "UnsafeGlobalError",
+    "MissingDtypeError",
 ]

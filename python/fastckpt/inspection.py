@@ -3,56 +3,15 @@
 from __future__ import annotations
 
 import os
-import pickletools
 
+from fastckpt import _formats, _graph
+from fastckpt._descriptors import Placeholder, TensorInfo, Unsupported
+from fastckpt._formats import Kind
+from fastckpt._graph import leaves
+from fastckpt._pickles import WEIGHTS_ONLY_DEFAULTS, globals_in_pickle
+from fastckpt._tree import is_descriptor, tree_of
 from fastckpt.archive import open_archive, read_record
-
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-
-
-def python3_name(module: str, name: str) -> tuple[str, str]:
-    """A Python 2 global's Python 3 (module, name), as pickle's fix_imports maps it."""
-    import _compat_pickle
-
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        return _compat_pickle.NAME_MAPPING[(module, name)]
-    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
-
-
-def globals_in_pickle(data: bytes) -> list[str]:
-    """Every "module.name" a pickle's GLOBAL / STACK_GLOBAL opcodes name, in first-seen order.
-
-    STACK_GLOBAL operands are followed through the memo where they are plain
-    strings; anything else is reported as "<dynamic>" rather than guessed.
-    """
-    found: dict[str, None] = {}
-    recent: list = []  # the strings most recently pushed, for STACK_GLOBAL
-    memo: dict[int, object] = {}
-    for opcode, arg, _pos in pickletools.genops(data):
-        name = opcode.name
-        if name in ("GLOBAL", "INST"):
-            module, qualname = arg.split(" ", 1)
-        elif name == "STACK_GLOBAL":
-            if len(recent) >= 2 and all(isinstance(x, str) for x in recent[-2:]):
-                module, qualname = recent[-2], recent[-1]
-            else:
-                module, qualname = "<dynamic>", "<dynamic>"
-        else:
-            if name in _STRING_OPS:
-                recent.append(arg)
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[arg] = recent[-1] if recent else None
-            elif name == "MEMOIZE":
-                memo[len(memo)] = recent[-1] if recent else None
-            elif name in ("BINGET", "LONG_BINGET", "GET"):
-                recent.append(memo.get(arg))
-            elif name not in ("FRAME", "PROTO"):
-                recent.append(None)
-            continue
-        module, qualname = python3_name(module, qualname)
-        found[f"{module}.{qualname}"] = None
-        recent.append(None)
-    return list(found)
+from fastckpt.errors import CheckpointError, FormatError
 
 
 def get_unsafe_globals_in_checkpoint(f) -> list[str]:
@@ -65,74 +24,55 @@ def get_unsafe_globals_in_checkpoint(f) -> list[str]:
 
 
 def _archive_or_value_error(f):
-    from fastckpt.errors import FormatError
-
     try:
         archive = open_archive(f)
     except FormatError:
         raise ValueError("Expected input to be a checkpoint returned by torch.save") from None
-    if "constants.pkl" in archive:
+    if _formats.is_torchscript(archive):
         raise ValueError("Expected input to be a checkpoint returned by torch.save but got a torchscript checkpoint")
     return archive
-
-
-# What `torch.save(..., _use_new_zipfile_serialization=False)` starts with: protocol 2, LONG1 of torch's magic number.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
 def identify(path) -> tuple[str, str]:
     """(kind, what to say about it) for any path: "checkpoint", "sharded", "torchscript", "legacy", "tar",
     "safetensors", "truncated" or "unknown". Only reads headers; raises OSError for a missing file."""
-    import json
-    import tarfile
-
-    from fastckpt.errors import CheckpointError
-    from fastckpt.reader import find_index
-
     path = os.fspath(path)
-    if os.path.isdir(path) or path.endswith(".index.json"):
-        index = find_index(path)
+    if os.path.isdir(path) or path.endswith(_formats.INDEX_SUFFIX):
+        index = _formats.find_index(path)
         if index is None:
             return "unknown", f"{path}: a folder with no *.index.json of a sharded torch checkpoint"
         return "sharded", f"{index}: a sharded torch checkpoint"
-    with open(path, "rb") as f:
-        head = f.read(16)
-        size = os.fstat(f.fileno()).st_size
-    if head.startswith(b"PK\x03\x04"):
+    head, size = _formats.head_of(path)
+    kind = _formats.kind_of_head(head, size)
+    if kind is Kind.ZIP:
         try:
             archive = open_archive(path)
         except CheckpointError as e:
             return "truncated", f"{path}: a zip archive fastckpt cannot read, truncated or damaged ({type(e).__name__}: {e})"
-        if "constants.pkl" in archive:
+        if _formats.is_torchscript(archive):
             return "torchscript", (f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint; "
                                    "load it with torch.jit.load (`fastckpt verify` checks its CRC-32s)")
         return "checkpoint", f"{path}: a torch.save checkpoint"
-    if head.startswith(_LEGACY_MAGIC):
+    if kind is Kind.LEGACY:
         return "legacy", (f"{path}: a legacy (non-zip, before torch 1.6) torch.save file; fastckpt.load hands it to "
                           "torch.load, but it has no records or CRC-32s to inspect or verify: re-save it with "
                           "torch.save to get a zip checkpoint")
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
-        with open(path, "rb") as f:
-            f.seek(8)
-            try:
-                header = json.loads(f.read(int.from_bytes(head[:8], "little")))
-                count = len([k for k in header if k != "__metadata__"])
-            except ValueError:
-                count = None
-        if count is not None:
-            return "safetensors", (f"{path}: a safetensors file ({count} tensors), not a torch checkpoint; "
-                                   "read it with safetensors.safe_open (it has no CRC-32s to verify)")
-    if tarfile.is_tarfile(path):
+    if kind is Kind.SAFETENSORS:
+        try:
+            count = f"{len([k for k in _formats.safetensors_header(path) if k != '__metadata__'])} tensors"
+        except CheckpointError:
+            count = "its header is not valid JSON"
+        return "safetensors", (f"{path}: a safetensors file ({count}), not a torch checkpoint; read it with "
+                               "safetensors.safe_open (it has no CRC-32s to verify)")
+    if kind is Kind.TAR:
         return "tar", f"{path}: a tar-format torch.save file (torch < 0.4); only torch.load reads it"
-    if size == 0:
+    if kind is Kind.EMPTY:
         return "unknown", f"{path}: an empty file"
     return "unknown", f"{path}: not a torch checkpoint (no zip, legacy or safetensors header)"
 
 
 def _leaf_text(obj) -> str | None:
     """One-line text of a tensor descriptor or placeholder; None for containers."""
-    from fastckpt._descriptors import Placeholder, TensorInfo, Unsupported
-
     if type(obj) is TensorInfo:
         kind = "parameter" if obj.parameter else "tensor"
         return (f"{kind} {obj.dtype}{list(obj.shape)} stride={obj.strides} storage_offset={obj.offset}"
@@ -144,32 +84,54 @@ def _leaf_text(obj) -> str | None:
     return None
 
 
-def _describe(obj, label: str, indent: str, lines: list[str], max_items: int) -> None:
-    """Appends `label` + obj to lines: containers as nested blocks, leaves on one line."""
-    leaf = _leaf_text(obj)
-    if leaf is not None:
-        lines.append(f"{indent}{label}{leaf}")
-        return
-    from fastckpt._descriptors import Placeholder
+_MAX_TREE_ENTRIES = 100_000  # lines of the object tree, whatever the file holds
+_MAX_INDENT = 32  # deeper levels say their depth instead of indenting further
 
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _tree_children(obj):
+    """The entries `inspect` shows under obj (key text, value); None for a one-line leaf."""
+    if _leaf_text(obj) is not None:
+        return None
     if type(obj) is Placeholder and isinstance(obj.state, dict):  # an object's attributes, e.g. argparse.Namespace
-        lines.append(f"{indent}{label}<{obj.name}>  (not run: its attributes as stored)")
-        for key, value in list(obj.state.items())[:max_items]:
-            _describe(value, f"{key}=", indent + "  ", lines, max_items)
-        return
+        return [(_short(str(k)), v) for k, v in obj.state.items()]
     if isinstance(obj, dict):
-        items = [(f"{k!r}: ", v) for k, v in obj.items()]
-    elif isinstance(obj, (list, tuple, set)):
-        items = [("", v) for v in obj]
-    else:
-        text = repr(obj)
-        lines.append(f"{indent}{label}{text if len(text) <= 120 else text[:117] + '...'}")
-        return
-    lines.append(f"{indent}{label}{type(obj).__name__} ({len(items)} items)")
-    for key, value in items[:max_items]:
-        _describe(value, key, indent + "  ", lines, max_items)
-    if len(items) > max_items:
-        lines.append(f"{indent}  ... {len(items) - max_items} more")
+        return [(_short(repr(k)), v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    return None
+
+
+def describe_tree(tree, max_items: int) -> list[str]:
+    """The object tree as indented lines: containers as blocks (each shown once: a container met again
+    names where it was shown), leaves on one line, at most `max_items` entries per container."""
+    lines: list[str] = []
+    for event in _graph.walk(tree, _tree_children, max_items=max_items, max_entries=_MAX_TREE_ENTRIES):
+        node = event.node
+        indent = "  " * (node.depth + 1) if node.depth < _MAX_INDENT else f"{'  ' * _MAX_INDENT}[depth {node.depth}] "
+        parent = node.parent.obj if node.parent is not None else None
+        label = ("" if parent is None or isinstance(parent, (list, tuple, set, frozenset))
+                 else f"{node.key}: " if isinstance(parent, dict) else f"{node.key}=")
+        obj = node.obj
+        if event.kind == _graph.CONTAINER:
+            if type(obj) is Placeholder:
+                lines.append(f"{indent}{label}<{obj.name}>  (not run: its attributes as stored)")
+            else:
+                lines.append(f"{indent}{label}{type(obj).__name__} ({event.size} items)")
+        elif event.kind == _graph.SEEN:
+            where = event.first.path() or "the top-level object"
+            lines.append(f"{indent}{label}{type(obj).__name__}: the same object as {_short(where)} (shown there)")
+        elif event.kind == _graph.MORE:
+            lines.append(f"{indent}  ... {event.size} more")
+        elif event.kind == _graph.TRUNCATED:
+            lines.append(f"  ... the tree is cut here: more than {_MAX_TREE_ENTRIES:,d} entries")
+        else:
+            leaf = _leaf_text(obj)
+            lines.append(f"{indent}{label}{leaf if leaf is not None else _short(repr(obj))}")
+    return lines
 
 
 def read_tree(path, placeholders: bool = True):
@@ -178,34 +140,20 @@ def read_tree(path, placeholders: bool = True):
     return archive, tree_of(archive, placeholders)
 
 
-def tree_of(archive, placeholders: bool = True):
-    """The object tree of an opened archive, tensors as descriptors (see read_tree)."""
-    from fastckpt import _descriptors, _native
-    from fastckpt.archive import check_version, read_data_pickle
-
-    check_version(archive)
-    return _native.read_tree(read_data_pickle(archive), _descriptors, archive, placeholders)
-
-
-def tensors_by_record(tree) -> dict[str, list[str]]:
-    """{"data/<key>": [tensor names]} for the tensors of a tree (fastckpt.open's names)."""
-    from fastckpt._descriptors import TensorInfo
-    from fastckpt.reader import flatten
-
-    out: dict[str, list[str]] = {}
-    for name, t in flatten(tree, lambda x: type(x) is TensorInfo).items():
-        out.setdefault(t.storage.record, []).append(name)
-    return out
-
-
 def _allowlist_marks(pickle_globals: list[str]) -> dict[str, bool]:
-    """{global: allowed by torch's weights_only}; empty without torch."""
-    try:
-        from torch import _weights_only_unpickler as wo
-    except ImportError:
-        return {}
-    allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
-    return {g: g in allowed for g in pickle_globals}
+    """{global: allowed by torch's weights_only}, leaving out globals that cannot be judged without
+    torch when it is not installed. torch is imported only for a global outside its default
+    allowlist's stable part (the answer then depends on torch's version and safe globals)."""
+    marks = {g: True for g in pickle_globals if g in WEIGHTS_ONLY_DEFAULTS}
+    others = [g for g in pickle_globals if g not in marks]
+    if others:
+        try:
+            from torch import _weights_only_unpickler as wo
+        except ImportError:
+            return marks
+        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+        marks.update((g, g in allowed) for g in others)
+    return marks
 
 
 def inspect_report(path, max_items: int = 200) -> dict:
@@ -214,23 +162,20 @@ def inspect_report(path, max_items: int = 200) -> dict:
     Nothing in the file is executed and torch is not needed: the tree is read
     by the torch-free reader, objects of other globals shown as placeholders.
     """
-    from fastckpt._descriptors import TensorInfo, Unsupported
-    from fastckpt.reader import flatten
-
     archive, tree = read_tree(path)
     records = archive.records()
     data = [r for r in records if r.name.startswith("data/")]
     pickle_globals = globals_in_pickle(read_record(archive, "data.pkl"))
     marks = _allowlist_marks(pickle_globals)
-    lines: list[str] = []
-    _describe(tree, "", "  ", lines, max_items)
-    tensors = flatten(tree, lambda x: type(x) in (TensorInfo, Unsupported))
+    lines = describe_tree(tree, max_items)
+    tensors, cut = leaves(tree, is_descriptor)
     return {
         "path": os.fspath(path), "prefix": archive.prefix, "size": archive.size, "records": len(records),
         "storages": len(data), "storage_bytes": sum(r.size for r in data),
         "min_alignment": min((r.alignment for r in data), default=0),
         "globals": [{"name": g, "weights_only": marks.get(g)} for g in pickle_globals],
-        "tensors": len(tensors), "tensor_bytes": sum(t.nbytes for t in tensors.values() if type(t) is TensorInfo),
+        "tensors": len(tensors), "tensors_truncated": cut,
+        "tensor_bytes": sum(t.nbytes for t in tensors.values() if type(t) is TensorInfo),
         "tree": lines,
     }
 
@@ -244,6 +189,7 @@ def inspect_checkpoint(path, max_items: int = 200) -> str:
     lines += [f"  {g['name']}{'  (not allowed by weights_only)' if g['weights_only'] is False else ''}"
               for g in r["globals"]]
     lines += ["objects:", *r["tree"]]
-    lines.append(f"totals: {r['tensors']} tensors ({r['tensor_bytes']:,d} bytes of elements), {r['storages']} storages, "
-                 f"{r['storage_bytes']:,d} bytes of tensor data")
+    at_least = "at least " if r["tensors_truncated"] else ""
+    lines.append(f"totals: {at_least}{r['tensors']} tensors ({r['tensor_bytes']:,d} bytes of elements), "
+                 f"{r['storages']} storages, {r['storage_bytes']:,d} bytes of tensor data")
     return "\n".join(lines)

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import concurrent.futures
 import gc
 import io
 import os
 import pickle
-import re
 import sys
 import warnings
 
 import torch
 
 from fastckpt import _native, devices
+from fastckpt._formats import (
+    Kind,
+    check_shard,
+    find_index,
+    head_of,
+    is_torchscript,
+    kind_of_head,
+    not_a_checkpoint,
+    read_index,
+)
 from fastckpt._native import StoragePlan
+from fastckpt._options import resolve_verify
 from fastckpt._policy import FullContext, WeightsOnlyContext, make_full_unpickler, resolve_weights_only
 from fastckpt._storages import Storages, native_byteorder_differs, torch_deserializers_first
 from fastckpt.archive import (
@@ -25,70 +36,35 @@ from fastckpt.archive import (
     read_data_pickle,
     read_record,
 )
+from fastckpt._tree import tensors_by_record, tree_of
 from fastckpt.errors import CheckpointError, FormatError, IntegrityError, MetadataError, UnpicklingError
 
-_ZIP_MAGIC = b"PK\x03\x04"
+
 def _is_path(f) -> bool:
     return isinstance(f, (str, os.PathLike))
 
 
-# torch's legacy format opens with a pickle of torch.serialization.MAGIC_NUMBER.
-_LEGACY_MAGIC = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
-_LEGACY_MAGIC_TEXT = b"L%dL\n" % torch.serialization.MAGIC_NUMBER  # pickle protocols 0 and 1
-_SNIFF_BYTES = 64 << 10
+def _kind(f) -> Kind:
+    """What torch.load would make of `f` (a path, or a file object from its current position):
+    ZIP or a kind torch reads itself (LEGACY, TAR); anything else is a FormatError."""
+    if not _is_path(f):
+        torch.serialization._check_seekable(f)
+    head, size = head_of(f)
+    kind = kind_of_head(head, size)
+    if kind is Kind.SAFETENSORS:
+        raise FormatError("not a checkpoint: a safetensors file (read it with safetensors.safe_open or "
+                          "safetensors.torch.load_file), not a torch.save zip archive")
+    if kind in (Kind.EMPTY, Kind.UNKNOWN):
+        raise not_a_checkpoint(head, size)
+    return kind
 
 
-def _head(f) -> tuple[bytes, int]:
-    """Up to 64 KiB from the start (paths) or the current position (file objects), and the size from there."""
-    if _is_path(f):
-        with open(f, "rb") as fh:
-            return fh.read(_SNIFF_BYTES), os.fstat(fh.fileno()).st_size
-    torch.serialization._check_seekable(f)
-    start = f.tell()
-    head = f.read(_SNIFF_BYTES)
-    f.seek(0, os.SEEK_END)
-    size = f.tell() - start
-    f.seek(start)
-    return head, size
-
-
-def _is_legacy(head: bytes) -> bool:
-    """A legacy torch.save stream (its magic number pickled first) or a legacy tar archive."""
-    if head[257:262] == b"ustar":
-        return True
-    if head.startswith(_LEGACY_MAGIC_TEXT):
-        return True
-    if len(head) < 2 or head[0] != 0x80:  # PROTO
-        return False
-    body = head[2:]
-    if body[:1] == b"\x95":  # FRAME (protocol 4+) and its 8-byte length
-        body = body[9:]
-    return body.startswith(_LEGACY_MAGIC)
-
-
-def _format_of(f) -> str:
-    """'zip' or 'legacy' (torch's own readers); anything else is not a checkpoint: FormatError."""
-    head, size = _head(f)
-    if head.startswith(_ZIP_MAGIC):
-        return "zip"
-    if _is_legacy(head):
-        return "legacy"
-    if size == 0:
-        raise FormatError("the file is empty (0 bytes): not a checkpoint")
-    what = f"{size} bytes starting {head[:16].hex(' ')}"
-    found = head.find(_ZIP_MAGIC)
-    hint = f"; a zip signature is at offset {found}, not at 0 (bytes in front of the archive?)" if found > 0 else ""
-    raise FormatError(
-        f"not a checkpoint: {what}; expected a zip archive (PK\\x03\\x04 at offset 0), "
-        f"a legacy torch.save pickle or a legacy tar archive{hint}"
-    )
-
-
-def _handed_to_torch(f, mmap) -> bool:
-    """Inputs torch.load handles in ways fastckpt does not reproduce natively."""
+def handed_to_torch(f, mmap) -> bool:
+    """Inputs torch.load handles in ways fastckpt does not reproduce natively (TorchScript, found
+    only once the archive is open, included)."""
     if _is_path(f) and os.fspath(f).endswith(".safetensors"):
         return True
-    if _format_of(f) == "legacy":
+    if _kind(f).torch_reads:
         return True
     if torch._guards.detect_fake_mode(None) is not None or torch.serialization._serialization_tls.skip_data:
         return True  # fake tensors and skip_data: storages that do not hold file bytes
@@ -121,7 +97,7 @@ def _unpickle_natively(data_pickle: bytes, ctx, plan):
     try:
         return _native.unpickle(data_pickle, ctx, plan)
     except UnpicklingError as e:
-        raise type(e)(ctx.message(str(e))) from None
+        raise type(e)(ctx.message(str(e), data_pickle)) from None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -133,17 +109,14 @@ _MANY_OBJECTS_PICKLE = 64 << 10
 
 
 def _collect_if_due(made: int, heap: int) -> None:
-    """Run the full garbage collection that a load of many objects made due, before returning.
+    """Run the full collection a load of many objects made due, inside the load (as torch.load
+    pays its collections), not in the caller's next allocations.
 
     Python collects its oldest generation once the objects that reached it since the last full
-    collection pass a quarter of those that were there (gcmodule: long_lived_pending >
-    long_lived_total / 4). A load of ~100k tensors (a tensor and its hooks OrderedDict each) passes
-    that on its own; with collection off while the machine ran, the collection was left to the
-    caller's next allocations (1.8 µs per tensor for 100k, landing on whatever touched the tensors
-    first), where torch.load pays its collections inside the load. `heap` (pymalloc's blocks before
-    the load, which outnumber the collected objects ~3.5 to 1 after `import torch`) stands in for the
-    oldest generation, whose exact size costs ~15 ms to count: so this collects only where Python's
-    own rule surely would, soon.
+    collection pass a quarter of those already there (gcmodule's long_lived_pending >
+    long_lived_total / 4). `heap` (pymalloc's blocks before the load, which outnumber collected
+    objects) stands in for the oldest generation, which is costly to count exactly: so this
+    collects only where Python's own rule surely would, soon.
     """
     if heap and 4 * made > heap:
         gc.collect()
@@ -174,7 +147,7 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
     if torch.serialization._is_meta_location(map_location):
         mode = StoragePlan.Mode.meta
     else:
-        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.arena
+        mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.eager
     targets = str(map_location) if isinstance(map_location, torch.device) else map_location
     # Storages are made natively (on the CPU or staged to a device) only from bytes as saved, and only
     # where torch's own deserializers would restore them.
@@ -188,11 +161,11 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
             for key, _, _, _ in staged:
                 plan.stage(key)
             stager = devices.Stager(archive, [(k, r, d) for k, r, d, _ in staged], backend,
-                                    staging_bytes=staging_bytes, check_crc=verify is not False, threads=threads)
-        check_crc = verify if mmap else verify is not False
+                                    staging_bytes=staging_bytes, check_crc=resolve_verify(verify), threads=threads)
+        check_crc = resolve_verify(verify, mapped=mmap)
         for key in plan.deflated_keys():  # a re-zipped checkpoint: inflated under a cap, CRC-checked
             plan.adopt(key, read_record(archive, f"data/{key}", check_crc))
-        plan.start(bool(check_crc), threads)
+        plan.start(check_crc, threads)
     return plan, byteswap, stager
 
 
@@ -228,8 +201,8 @@ def _device_storages(archive, data_pickle: bytes, plan) -> list:
     return staged if len({b for _, _, _, b in staged}) == 1 else []
 
 
-def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args,
-                  staging_bytes=devices.DEFAULT_STAGING_BYTES, keep_on_cpu=frozenset()):
+def load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args,
+                 staging_bytes=devices.DEFAULT_STAGING_BYTES, keep_on_cpu=frozenset()):
     check_version(archive)
     check_storage_alignment(archive)
     data_pickle = read_data_pickle(archive)  # CRC-checked
@@ -278,33 +251,20 @@ def _validate_sparse_tensors() -> None:
         raise MetadataError(f"invalid sparse tensor: {e}") from e
 
 
-def _resolve_verify(verify):
-    """None: FASTCKPT_VERIFY (0 or 1) if set, else None (eager loads check every storage, lazy ones none)."""
-    if verify is None:
-        env = os.getenv("FASTCKPT_VERIFY", "").strip().lower()
-        if env in ("1", "true", "yes"):
-            return True
-        if env in ("0", "false", "no"):
-            return False
-    return verify
-
-
-def _integrity_message(error: IntegrityError, archive) -> str:
-    """Adds the tensors the bad record belongs to (read by the torch-free reader: nothing is run)
-    and how to load anyway."""
-    from fastckpt.inspection import tensors_by_record, tree_of
-
-    text = str(error)
-    m = re.search(r"record '(data/[^']+)'", text)
-    if m:
+def _with_tensors(error: IntegrityError, archive) -> IntegrityError:
+    """The error again, naming the tensors its record holds (read by the torch-free reader: nothing
+    is run) and how to load anyway."""
+    text, keys = str(error), error.keys
+    if not keys and error.record is not None and error.record.startswith("data/"):
         try:
-            paths = tensors_by_record(tree_of(archive)).get(m.group(1), [])
+            keys = tuple(tensors_by_record(tree_of(archive)).get(error.record, []))
         except CheckpointError:
-            paths = []
-        if paths:
-            text += f"\nIt holds the tensor(s): {', '.join(paths[:4])}."
-    return text + "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
-                  "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+            keys = ()
+        if keys:
+            text += f"\nIt holds the tensor(s): {', '.join(keys[:4])}."
+    text += "\nTo load it anyway, skip the storage checks with verify=False (under fastckpt.patch(): " \
+            "fastckpt.patch(verify=False) or FASTCKPT_VERIFY=0)."
+    return IntegrityError(text, record=error.record, keys=keys)
 
 
 def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, verify=None, threads=None,
@@ -333,11 +293,11 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         from torch.utils.serialization import config
 
         mmap = config.load.mmap
-    if _handed_to_torch(f, mmap):
+    if handed_to_torch(f, mmap):
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
     start = None if _is_path(f) else f.tell()
     archive = open_archive(f)
-    if "constants.pkl" in archive:  # a TorchScript archive: torch.load dispatches to torch.jit.load
+    if is_torchscript(archive):  # torch.load dispatches to torch.jit.load
         if start is not None:
             f.seek(start)
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
@@ -347,10 +307,33 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
         warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
     pickle_load_args.setdefault("encoding", "utf-8")
     try:
-        return _load_archive(
+        return load_archive(
             archive, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
-            verify=_resolve_verify(verify), threads=threads or 0, pickle_load_args=pickle_load_args,
+            verify=verify, threads=threads or 0, pickle_load_args=pickle_load_args,
             staging_bytes=staging_bytes,
         )
     except IntegrityError as e:
-        raise IntegrityError(_integrity_message(e, archive)) from None
+        raise _with_tensors(e, archive) from None
+
+
+def load_sharded(path, *, threads: int | None = None, **load_kwargs) -> dict:
+    """The merged state dict of a sharded checkpoint, its shards loaded in parallel with :func:`load`.
+
+    `path`: a ``*.index.json``, its folder, or a single checkpoint file (loaded as it is). Same
+    result as ``torch.load`` of each shard merged in shard-name order; every shard must hold
+    exactly the keys the index maps to it (FormatError otherwise, as ``fastckpt.open`` refuses
+    the same shard). `load_kwargs` go to every ``load`` call.
+    """
+    found = find_index(path)
+    if found is None:
+        return load(path, **load_kwargs)
+    index = read_index(found)
+    shards = list(index.shards())
+    workers = max(1, min(len(shards), threads or os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(lambda shard: load(index.shard_path(shard), **load_kwargs), shards))
+    merged: dict = {}
+    for shard, part in zip(shards, parts):
+        check_shard(index, shard, part)
+        merged.update(part)
+    return merged

@@ -26,6 +26,8 @@ import importlib
 import inspect
 import threading
 
+from fastckpt._options import patched_verify
+
 __all__ = ["patch", "unpatch", "patched", "is_patched", "original_load"]
 
 _lock = threading.Lock()
@@ -88,9 +90,8 @@ def _load_wrapper(original):
             return original(*args, **kwargs)
         token = _inside_fastckpt.set(True)
         try:
-            if _verify is not None:
-                kwargs.setdefault("verify", _verify)
-            return loader_module().load(*args, **kwargs)
+            with patched_verify(_verify):  # resolved with the call's own verify by _options.resolve_verify
+                return loader_module().load(*args, **kwargs)
         finally:
             _inside_fastckpt.reset(token)
 

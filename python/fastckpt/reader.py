@@ -10,15 +10,15 @@ float8) and mlx only when first needed.
 
 from __future__ import annotations
 
-import builtins
-import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
-from fastckpt import _descriptors, _native
+from fastckpt import _formats, _graph, _native
 from fastckpt._descriptors import TensorInfo, Unsupported
-from fastckpt.archive import byteorder_record, check_storage_crc, check_version, open_archive, read_data_pickle
-from fastckpt.errors import CheckpointError, FormatError
+from fastckpt._options import resolve_verify
+from fastckpt._source import Source
+from fastckpt._tree import flatten, is_descriptor, tree_of
+from fastckpt.archive import byteorder_record, check_storage_crc
+from fastckpt.errors import CheckpointError, FormatError, MetadataError, MissingDtypeError
 
 FRAMEWORKS = ("numpy", "pt", "mlx")
 _NUMPY_NAMES = {
@@ -26,65 +26,44 @@ _NUMPY_NAMES = {
     "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "i1",
     "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
 }
+_WHOLE = object()  # get_tensor's index: the whole tensor (None is numpy's newaxis)
 _ML_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+_ML_DTYPE_BYTES = {name: 2 if name == "bfloat16" else 1 for name in _ML_DTYPES}
 
 
 def numpy_dtype(dtype: str, key: str):
-    """The numpy dtype of a torch dtype name; bfloat16 / float8 via ml_dtypes. Raises TypeError naming `key`."""
+    """The numpy dtype of a torch dtype name; bfloat16 / float8 via ml_dtypes. TypeError naming `key` for
+    dtypes numpy cannot hold; MissingDtypeError (an ImportError) naming `key` when ml_dtypes is missing."""
     import numpy as np
 
     if dtype in _NUMPY_NAMES:
         return np.dtype(_NUMPY_NAMES[dtype])
     if dtype in _ML_DTYPES:
-        import ml_dtypes
-
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise MissingDtypeError(
+                f"tensor '{key}' has dtype torch.{dtype}, which numpy holds only with the ml_dtypes package: "
+                "pip install fastckpt[bf16] (or pip install ml_dtypes)", name="ml_dtypes") from None
         return np.dtype(getattr(ml_dtypes, dtype))
     raise TypeError(f"tensor '{key}' has dtype torch.{dtype}, which numpy cannot hold; open with framework=\"pt\"")
+
+
+def element_dtype(dtype: str, key: str):
+    """A numpy dtype whose items are `dtype`'s elements bit for bit, for copying and byte-swapping
+    them, never for arithmetic: numpy's own where it has one, else (bfloat16, float8) the unsigned
+    integer of the same size, so moving elements never needs (or imports) ml_dtypes."""
+    import numpy as np
+
+    if dtype in _ML_DTYPES:
+        return np.dtype(f"<u{_ML_DTYPE_BYTES[dtype]}")
+    return numpy_dtype(dtype, key)
 
 
 def _is_ml_dtype(dtype) -> bool:
     return dtype.num >= 256  # numpy numbers user-defined types (ml_dtypes') from 256 on
 
 
-def flatten(tree, is_tensor) -> dict:
-    """{dotted path: tensor} in tree order: dict keys as str, list/tuple indices as numbers."""
-    out: dict = {}
-    stack = [("", tree)]
-    while stack:
-        path, obj = stack.pop()
-        if is_tensor(obj):
-            if path in out and out[path] is not obj:
-                raise CheckpointError(f"two tensors are both named '{path}' (keys with dots in them?)")
-            out[path] = obj
-            continue
-        if isinstance(obj, dict):
-            items = [(str(k), v) for k, v in obj.items()]
-        elif isinstance(obj, (list, tuple)):
-            items = [(str(i), v) for i, v in enumerate(obj)]
-        else:
-            continue
-        stack.extend((f"{path}.{k}" if path else k, v) for k, v in reversed(items))
-    return out
-
-
-def _is_descriptor(obj) -> bool:
-    return type(obj) is TensorInfo or type(obj) is Unsupported
-
-
-def _without_tensors(obj):
-    """The tree with tensors left out, and containers that held only tensors; _DROP when nothing is left."""
-    if _is_descriptor(obj):
-        return _DROP
-    if isinstance(obj, dict):
-        kept = {k: v for k, v in ((k, _without_tensors(v)) for k, v in obj.items()) if v is not _DROP}
-        return _DROP if obj and not kept else kept
-    if isinstance(obj, (list, tuple)):
-        kept = [v for v in map(_without_tensors, obj) if v is not _DROP]
-        return _DROP if obj and not kept else (tuple(kept) if isinstance(obj, tuple) else kept)
-    return obj
-
-
-_DROP = object()
 
 
 class _Slice:
@@ -99,7 +78,7 @@ class _Slice:
     def get_dtype(self) -> str:
         return self._reader.info(self._key)["dtype"]
 
-    def __getitem__(self, index):
+    def __getitem__(self, index):  # numpy's indexing: None (newaxis), Ellipsis, negative steps...
         return self._reader._read(self._key, index)
 
 
@@ -111,14 +90,14 @@ class CheckpointReader:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
         self.path = os.fspath(path)
         self.framework = framework
-        self._verify = bool(verify)
-        self._archive = open_archive(self.path)
-        if "constants.pkl" in self._archive:
+        self._verify = resolve_verify(verify, mapped=True)
+        self.source = Source(self.path)  # convert reads bytes through its descriptor
+        self.archive = self.source.archive
+        if _formats.is_torchscript(self.archive):
             raise FormatError(f"{self.path} is a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
-        check_version(self._archive)
-        self._big_endian = byteorder_record(self._archive) == b"big"
-        self._tree = _native.read_tree(read_data_pickle(self._archive), _descriptors, self._archive)
-        self._tensors = flatten(self._tree, _is_descriptor)
+        self.tree = tree_of(self.archive, placeholders=False)
+        self.big_endian = byteorder_record(self.archive) == b"big"
+        self._tensors = flatten(self.tree, is_descriptor)
         self._checked: set[str] = set()  # records whose CRC-32 was verified
         self._torch_tensors = None  # framework="pt": fastckpt.load's tensors, by key
 
@@ -131,7 +110,8 @@ class CheckpointReader:
 
     def close(self) -> None:
         """Drops the reader's mapping; arrays already returned keep theirs alive."""
-        self._archive = self._tree = self._torch_tensors = None
+        self.archive = self.tree = self._torch_tensors = None
+        self.source.close()
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -143,15 +123,15 @@ class CheckpointReader:
         return len(self._tensors)
 
     def get_tensor(self, key: str):
-        return self._read(key, None)
+        return self._read(key, _WHOLE)
 
     def get_slice(self, key: str) -> _Slice:
-        self._descriptor(key)
+        self.descriptor(key)
         return _Slice(self, key)
 
     def info(self, key: str) -> dict:
         """dtype, shape, strides and offset (in elements), storage key and size, bytes of the tensor's elements."""
-        t = self._descriptor(key)
+        t = self.descriptor(key)
         if type(t) is Unsupported:
             return {"kind": t.kind, "dtype": None, "shape": None}
         return {
@@ -162,12 +142,13 @@ class CheckpointReader:
 
     def metadata(self):
         """The non-tensor values of the tree (epoch, config, optimizer param_groups...); None when there are none."""
-        kept = _without_tensors(self._tree)
-        return None if kept is _DROP else kept
+        kept = _graph.without_leaves(self.tree, is_descriptor)
+        return None if kept is _graph.DROPPED else kept
 
     # ---- reading ----------------------------------------------------------------
-    def _descriptor(self, key: str):
-        if self._archive is None:
+    def descriptor(self, key: str):
+        """The tensor's descriptor (TensorInfo, or Unsupported for tensors numpy cannot hold)."""
+        if self.archive is None:
             raise ValueError("the reader is closed")
         try:
             return self._tensors[key]
@@ -175,39 +156,46 @@ class CheckpointReader:
             raise KeyError(f"no tensor named {key!r} in {self.path}") from None
 
     def _read(self, key: str, index):
-        t = self._descriptor(key)
+        t = self.descriptor(key)
         if self.framework == "pt":
             tensor = self._torch()[key]
-            return tensor if index is None else tensor[index]
+            return tensor if index is _WHOLE else tensor[index]
         if type(t) is Unsupported:
             raise TypeError(f"tensor '{key}' is a {t.kind} tensor, which numpy cannot hold; open with framework=\"pt\"")
         array = self.raw_array(key)
-        if index is not None:
+        if index is not _WHOLE:
             array = array[index]
-        array = self._finish(array, t)
+        array = self.finish(array, t)
         return array if self.framework == "numpy" else _to_mlx(array, key)
 
     def raw_array(self, key: str):
         """A zero-copy read-only numpy view of the tensor's bytes as stored (file byte order, no conj/neg)."""
         import numpy as np
 
-        t = self._descriptor(key)
+        t = self.descriptor(key)
         dtype = numpy_dtype(t.dtype, key)
         record = t.storage.record
-        buffer = self._archive.view(record)
+        buffer = self.archive.view(record)
         if self._verify and record not in self._checked:
             self._check_crc(key, t.storage, buffer)
-        if 0 in t.shape:
-            return np.empty(t.shape, dtype)
         item = dtype.itemsize
-        array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=[s * item for s in t.strides])
+        try:
+            if 0 in t.shape:
+                return np.empty(t.shape, dtype)
+            # a dimension of size 1 never steps: its stride (any value torch accepts) is not numpy's business
+            strides = [0 if n == 1 else s * item for n, s in zip(t.shape, t.strides)]
+            array = np.ndarray(t.shape, dtype, buffer=buffer, offset=t.offset * item, strides=strides)
+        except (ValueError, OverflowError) as e:  # sizes torch accepts but numpy cannot index (> 2^63 bytes)
+            raise MetadataError(f"tensor '{key}' of shape {tuple(t.shape)} and strides {tuple(t.strides)} cannot be "
+                                f"a numpy array ({e}); open with framework=\"pt\"") from None
         array.flags.writeable = False
         return array
 
-    def _finish(self, array, t: TensorInfo):
+    def finish(self, array, t: TensorInfo):
+        """`array` (the tensor's elements as stored) in native byte order, with its conj/neg bits applied."""
         import numpy as np
 
-        if self._big_endian and array.dtype.itemsize > 1:
+        if self.big_endian and array.dtype.itemsize > 1:
             if not _is_ml_dtype(array.dtype):
                 array = array.view(array.dtype.newbyteorder(">")).astype(array.dtype)
             else:  # ml_dtypes types: swap the bit patterns
@@ -220,7 +208,7 @@ class CheckpointReader:
         return array
 
     def _check_crc(self, key: str, storage, buffer) -> None:
-        check_storage_crc(self._archive, storage.record, _native.crc32(buffer), key)
+        check_storage_crc(self.archive, storage.record, _native.crc32(buffer), key)
         self._checked.add(storage.record)
 
     def _torch(self) -> dict:
@@ -247,28 +235,22 @@ def _to_mlx(array, key: str):
 
 
 class ShardedReader:
-    """A transformers-style sharded checkpoint (``*.index.json`` + its ``weight_map``) as one reader."""
+    """A transformers-style sharded checkpoint (``*.index.json`` + its ``weight_map``) as one reader.
 
-    def __init__(self, index_path: str, framework: str = "numpy", *, verify=None):
-        self.path = index_path
-        with builtins.open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise FormatError(f"{index_path} has no 'weight_map' object")
-        folder = os.path.dirname(os.path.abspath(index_path))
-        self._shard_of = {}
-        for key, shard in weight_map.items():
-            if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                raise FormatError(f"{index_path}: shard {shard!r} of '{key}' is not a file name in its folder")
-            self._shard_of[key] = os.path.join(folder, shard)
-        self._metadata = index.get("metadata")
-        self._framework, self._verify = framework, verify
+    Each shard is checked against the index when it is first read (:func:`_formats.check_shard`):
+    the same rule as ``fastckpt.load_sharded``'s, so both return the same tensors or both refuse.
+    """
+
+    def __init__(self, index, framework: str = "numpy", *, verify=None):
+        self.index = index if isinstance(index, _formats.ShardIndex) else _formats.read_index(index)
+        self.path = os.fspath(self.index.path)
+        self._framework, self._verify = framework, resolve_verify(verify, mapped=True)
         self._readers: dict[str, CheckpointReader] = {}
 
     @property
     def shards(self) -> list[str]:
-        return sorted(set(self._shard_of.values()))
+        """The shard files' paths, in name order."""
+        return [os.fspath(self.index.shard_path(name)) for name in self.index.shards()]
 
     def __enter__(self):
         return self
@@ -282,25 +264,31 @@ class ShardedReader:
         self._readers.clear()
 
     def keys(self) -> list[str]:
-        return list(self._shard_of)
+        return list(self.index.weight_map)
 
     def __contains__(self, key) -> bool:
-        return key in self._shard_of
+        return key in self.index.weight_map
 
     def __len__(self) -> int:
-        return len(self._shard_of)
+        return len(self.index.weight_map)
 
     def shard_reader(self, key: str) -> CheckpointReader:
-        """The reader of the shard holding `key` (opened on first use)."""
+        """The reader of the shard holding `key` (opened, and checked against the index, on first use)."""
         try:
-            shard = self._shard_of[key]
+            shard = self.index.weight_map[key]
         except KeyError:
             raise KeyError(f"no tensor named {key!r} in {self.path}") from None
         reader = self._readers.get(shard)
         if reader is None:
-            reader = self._readers[shard] = CheckpointReader(shard, self._framework, verify=self._verify)
+            reader = CheckpointReader(self.index.shard_path(shard), self._framework, verify=self._verify)
+            try:
+                _formats.check_shard(self.index, shard, reader.tree)
+            except BaseException:
+                reader.close()
+                raise
+            self._readers[shard] = reader
         if key not in reader:
-            raise CheckpointError(f"{self.path} maps '{key}' to {shard}, which has no such tensor")
+            raise CheckpointError(f"{self.path} maps '{key}' to {shard}, which holds it, but not as a tensor")
         return reader
 
     def get_tensor(self, key: str):
@@ -310,22 +298,11 @@ class ShardedReader:
         return self.shard_reader(key).get_slice(key)
 
     def info(self, key: str) -> dict:
-        return dict(self.shard_reader(key).info(key), shard=os.path.basename(self._shard_of[key]))
+        return dict(self.shard_reader(key).info(key), shard=self.index.weight_map[key])
 
     def metadata(self):
         """The index's "metadata" object (total_size...)."""
-        return self._metadata
-
-
-def find_index(path) -> str | None:
-    """The ``*.index.json`` of a sharded checkpoint at `path` (the file itself or its folder), else None."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        found = sorted(n for n in os.listdir(path) if n.endswith(".index.json") and "safetensors" not in n)
-        if len(found) > 1:
-            raise FormatError(f"{path} holds several index files ({', '.join(found)}); open one of them")
-        return os.path.join(path, found[0]) if found else None
-    return path if path.endswith(".index.json") else None
+        return self.index.metadata
 
 
 def open(path, framework: str = "numpy", *, verify=None):  # noqa: A001  (safe_open's counterpart)
@@ -338,11 +315,17 @@ def open(path, framework: str = "numpy", *, verify=None):  # noqa: A001  (safe_o
             for key in f.keys():
                 array = f.get_tensor(key)   # numpy, zero-copy and read-only where the layout allows
 
-    ``framework``: ``"numpy"`` (bfloat16/float8 via ml_dtypes), ``"mlx"``, or ``"pt"``
-    (torch tensors as fastckpt.load returns them). ``verify=True`` checks the
-    CRC-32 of every storage record read; by default lazy reads are not checked.
+    ``framework``: ``"numpy"`` (bfloat16/float8 need ml_dtypes: ``pip install fastckpt[bf16]``),
+    ``"mlx"``, or ``"pt"`` (torch tensors as fastckpt.load returns them). ``verify=True`` checks
+    the CRC-32 of every storage record read; by default (and with ``FASTCKPT_VERIFY=0``) lazy reads
+    are not checked, with ``FASTCKPT_VERIFY=1`` they are.
+
+    Keys are dotted paths: a tensor saved under several names (tied weights) has each of them; a
+    container saved under several names (or holding itself) is one object, as torch.load returns
+    it, and its tensors are named by its first path in tree order (see ``fastckpt._graph``).
     """
-    index = find_index(path)
+    verify = resolve_verify(verify, mapped=True)
+    index = _formats.find_index(path)
     if index is not None:
         return ShardedReader(index, framework, verify=verify)
     if os.path.isdir(path):
@@ -351,25 +334,3 @@ def open(path, framework: str = "numpy", *, verify=None):  # noqa: A001  (safe_o
             raise FormatError(f"{os.fspath(path)} has no *.index.json and {len(files)} .bin/.pt/.pth files; open a file")
         path = os.path.join(path, files[0])
     return CheckpointReader(path, framework, verify=verify)
-
-
-def load_sharded(path, *, threads: int | None = None, **load_kwargs) -> dict:
-    """The merged state dict of a sharded checkpoint, its shards loaded in parallel with fastckpt.load.
-
-    Same result as ``torch.load`` of each shard merged in shard-name order.
-    `load_kwargs` go to every ``fastckpt.load`` call. A single file is loaded as it is.
-    """
-    from fastckpt.loader import load
-
-    index = find_index(path)
-    if index is None:
-        return load(path, **load_kwargs)
-    shards = ShardedReader(index).shards
-    with ThreadPoolExecutor(max_workers=max(1, min(len(shards), threads or os.cpu_count() or 1))) as pool:
-        parts = list(pool.map(lambda shard: load(shard, **load_kwargs), shards))
-    merged: dict = {}
-    for shard, part in zip(shards, parts):
-        if not isinstance(part, dict):
-            raise CheckpointError(f"shard {shard} holds a {type(part).__name__}, not a state dict")
-        merged.update(part)
-    return merged

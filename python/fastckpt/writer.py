@@ -15,14 +15,13 @@ import gc
 import io
 import os
 import pickle
-import secrets
-import stat
 import sys
 
 import torch
 import torch.serialization as _ts
 
 from fastckpt import _native
+from fastckpt._atomic import write_file
 
 __all__ = ["save"]
 
@@ -64,7 +63,7 @@ def save(
     if not _use_new_zipfile_serialization:
         if _ts._serialization_tls.skip_data:
             raise RuntimeError("Cannot use skip_data=True with _use_new_zipfile_serialization=False")
-        _write_target(f, atomic, fsync, lambda target: _legacy_save(obj, target, pickle_module, pickle_protocol))
+        write_file(f, atomic, fsync, lambda target: _legacy_save(obj, target, pickle_module, pickle_protocol))
         return
     if _ts._serialization_tls.skip_data:  # records without their bytes: a layout for someone else to fill
         with _ts._open_zipfile_writer(f) as opened:
@@ -101,7 +100,7 @@ def _save_zip(obj, f, pickle_module, pickle_protocol, disable_byteorder: bool, t
             _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0)
             target.flush()
 
-    _write_target(f, atomic, fsync, write)
+    write_file(f, atomic, fsync, write)
 
 
 def _legacy_save(obj, target, pickle_module, pickle_protocol):
@@ -316,54 +315,3 @@ def _to_cpu(storage):
     pinned.copy_(storage)
     torch.accelerator.current_stream(storage.device.index).synchronize()
     return pinned
-
-
-def _write_target(f, atomic: bool, fsync: bool, write) -> None:
-    """Calls write(fd) for a path (atomically: a temporary file renamed over `f`), write(file) otherwise."""
-    if not isinstance(f, str):
-        write(f)
-        return
-    path = os.path.realpath(f) if os.path.islink(f) else f  # replace the file a link points to, not the link
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None and not stat.S_ISREG(mode):
-        with open(path, "wb") as file:  # a device or a pipe: written in order, in place
-            write(file)
-        return
-    if not atomic:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        try:
-            write(fd)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return
-
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        try:
-            if mode is not None:
-                os.fchmod(fd, stat.S_IMODE(mode))  # the replaced file's permissions, as an in-place write keeps
-            write(fd)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        _native.replace_file(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if fsync:
-        dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -12,6 +12,7 @@ whatever loads must equal torch.load's result for the same bytes (or torch must 
 Iteration i of seed s is a pure function of (s, i), so any finding replays alone:
     python tests/fuzz/pyfuzz.py --seed S --start I --iters 1 -v
 Long local runs:  python tests/fuzz/pyfuzz.py --seed 1 --iters 20000 --keep-going --out /tmp/ff
+The other surfaces (open, convert, CLI, sharded index; tests/fuzz/surfaces.py): add --surfaces.
 The loop runs in a child process (a segfault or hang is then a report, not a dead test run);
 the parent restarts it after the iteration that crashed, when asked to keep going.
 """
@@ -804,8 +805,12 @@ def judge(fc_load, torch_load, data: bytes, mode: dict, path: str, *, strict=Fal
     return None
 
 
+# phases inside fastckpt: a crash or hang there is a finding (elsewhere it is torch's or the harness's)
+FASTCKPT_PHASES = ("fc", "open", "convert", "cli", "index")
+
+
 class Child:
-    def __init__(self, workdir: pathlib.Path, strict: bool, target: str | None):
+    def __init__(self, workdir: pathlib.Path, strict: bool, target: str | None, surfaces: bool = False):
         import torch
 
         import fastckpt
@@ -822,6 +827,7 @@ class Child:
         self.work = workdir
         self.cur = workdir / "cur.pt"
         self.strict = strict
+        self.surfaces = surfaces  # fuzz open/convert/CLI/sharded index instead of load against torch
         self.outcomes: dict[str, int] = {}  # what fastckpt did, to see the mutations reach the unpickler
 
     def phase(self, i, name):
@@ -830,12 +836,24 @@ class Child:
 
     def check(self, i, data, meta) -> dict | None:
         self.cur.write_bytes(data)  # before loading: what the parent saves if we die
+        if self.surfaces:
+            import surfaces
+
+            finding = surfaces.judge_surfaces(data, str(self.cur), str(self.work), random.Random(f"surfaces:{i}"),
+                                              lambda name: self.phase(i, name))
+            self.outcomes["surfaces ok" if finding is None else "finding"] = self.outcomes.get(
+                "surfaces ok" if finding is None else "finding", 0) + 1
+            return finding
         return judge(self.fc_load, self.torch_load, data, meta, str(self.cur), strict=self.strict,
                      phase=lambda name: self.phase(i, name), outcomes=self.outcomes,
                      note=lambda text: sys.stderr.write(f"NOTE i={i} {text}\n"))
 
     def run(self, seed, start, iters, verbose):
         seeds = make_seeds()
+        if self.surfaces:
+            import surfaces
+
+            seeds.update(surfaces.seeds())
         stats = {"iters": 0, "findings": 0, "t0": time.time()}
         for i in range(start, start + iters):
             self.phase(i, "gen")
@@ -866,14 +884,35 @@ def child_main(args):
     limit = args.mem_gb << 30
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # allocations sized by the file fail, not swap
     warnings.simplefilter("ignore")
-    Child(pathlib.Path(args.work), args.strict, args.target).run(args.seed, args.start, args.iters, args.verbose)
+    Child(pathlib.Path(args.work), args.strict, args.target, args.surfaces).run(args.seed, args.start, args.iters, args.verbose)
 
 
 # --------------------------------------------------------------------------- the driver (parent side)
 
 
+def read_lines(proc, deadline):
+    """The child's stdout lines (text, no newline) as they arrive; ends at EOF, or kills the child
+    when no byte came before `deadline()`. Reads the descriptor itself (os.read), so no line can
+    wait in a Python buffer where select() does not see it."""
+    fd, pending = proc.stdout.fileno(), b""
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            yield line.decode("utf-8", "replace")
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline() - time.time()))
+        if not ready:  # silent too long: a hang
+            proc.kill()
+            proc.wait()
+            return
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            proc.wait()
+            return
+        pending += chunk
+
+
 def run_fuzz(seed: int, iters: int, *, start=0, work: pathlib.Path | None = None, keep_going=False, strict=False,
-             timeout_s=20.0, target=None, verbose=False, mem_gb=4, log=None) -> dict:
+             timeout_s=20.0, target=None, verbose=False, mem_gb=4, log=None, surfaces=False) -> dict:
     """Run iterations [start, start+iters) in child processes. Returns findings and counts.
 
     A child that dies or goes silent is a finding when it was inside fastckpt.load; inside
@@ -889,22 +928,14 @@ def run_fuzz(seed: int, iters: int, *, start=0, work: pathlib.Path | None = None
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", "--seed", str(seed), "--start", str(i),
                "--iters", str(end - i), "--work", str(work), "--mem-gb", str(mem_gb)]
         cmd += ["--strict"] * strict + (["--target", target] if target else []) + ["-v"] * verbose
+        cmd += ["--surfaces"] * surfaces
         errf = open(work / f"child-stderr-{i}.txt", "w+")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, env=env)
         last_i, last_phase, finished = i, "start", False
         deadline = time.time() + timeout_s + 60  # the first input waits for imports and seeds
-        while True:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.time()))
-            if not ready:  # silent too long: a hang
-                proc.kill()
-                proc.wait()
-                break
-            line = proc.stdout.readline()
-            if not line:
-                proc.wait()
-                break
-            tag, _, rest = line.rstrip("\n").partition(" ")
+        for line in read_lines(proc, lambda: deadline):
+            tag, _, rest = line.partition(" ")
             if tag == "P":
                 n, _, ph = rest.partition(" ")
                 last_i, last_phase = int(n), ph
@@ -929,7 +960,7 @@ def run_fuzz(seed: int, iters: int, *, start=0, work: pathlib.Path | None = None
         # died or hung at input last_i
         done += last_i - i  # the ones before it completed in this child
         rc = proc.returncode
-        if last_phase == "fc":
+        if last_phase in FASTCKPT_PHASES:
             saved = work / f"crash-{seed}-{last_i}.pt"
             shutil.copyfile(work / "cur.pt", saved)
             f = {"kind": "hang" if rc == -9 else "crash", "exc": f"rc={rc}", "msg": err_tail[-1500:], "i": last_i,
@@ -960,6 +991,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds one input may take")
     ap.add_argument("--mem-gb", type=int, default=4)
     ap.add_argument("--target", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--surfaces", action="store_true",
+                    help="fuzz fastckpt.open, convert, the CLI and sharded indexes (tests/fuzz/surfaces.py)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--write", metavar="DIR", help="only write input(s) --start.. to DIR (to replay by hand)")
@@ -983,7 +1016,8 @@ def main(argv=None):
                   f"\n   log={f.get('log')}", flush=True)
 
     res = run_fuzz(args.seed, args.iters, start=args.start, work=args.work, keep_going=args.keep_going,
-                   strict=args.strict, timeout_s=args.timeout, verbose=args.verbose, mem_gb=args.mem_gb, log=show)
+                   strict=args.strict, timeout_s=args.timeout, verbose=args.verbose, mem_gb=args.mem_gb, log=show,
+                   surfaces=args.surfaces)
     print(json.dumps({k: v for k, v in res.items() if k != "findings"}))
     for sig, n in sorted(sigs.items(), key=lambda kv: -kv[1]):
         print(f"{n:6d}  {sig}")

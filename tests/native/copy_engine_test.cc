@@ -17,14 +17,14 @@
 #include "core/copy_engine.h"
 #include "core/crc32.h"
 #include "core/errors.h"
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 
 namespace {
 
 
 using fastckpt::CopyResult;
 using fastckpt::CopyTask;
-using fastckpt::MappedFile;
+using fastckpt::FileMemory;
 
 constexpr size_t kGuard = 64;
 constexpr uint8_t kGuardByte = 0xA5;
@@ -82,7 +82,7 @@ struct Case {
 
 // Runs `cases` over `file` (whose bytes are `bytes`) and checks every copy,
 // every CRC and every guard.
-void check_cases(const MappedFile& file, const std::vector<uint8_t>& bytes,
+void check_cases(const FileMemory& file, const std::vector<uint8_t>& bytes,
                  const std::vector<Case>& cases, unsigned threads, const char* what) {
   std::vector<std::unique_ptr<Destination>> dests;
   std::vector<CopyTask> tasks;
@@ -138,7 +138,7 @@ std::vector<Case> small_cases(size_t file_size) {
   return cases;
 }
 
-void test_copies(const MappedFile& file, const std::vector<uint8_t>& bytes, const char* what) {
+void test_copies(const FileMemory& file, const std::vector<uint8_t>& bytes, const char* what) {
   for (unsigned threads : {1u, 2u, 3u, 0u}) {
     check_cases(file, bytes, mixed_cases(bytes.size()), threads, what);
     check_cases(file, bytes, small_cases(bytes.size()), threads, what);
@@ -146,7 +146,7 @@ void test_copies(const MappedFile& file, const std::vector<uint8_t>& bytes, cons
   check_cases(file, bytes, {}, 2, what);
 }
 
-bool throws_record_error(const MappedFile& file, const std::vector<CopyTask>& tasks, unsigned threads) {
+bool throws_record_error(const FileMemory& file, const std::vector<CopyTask>& tasks, unsigned threads) {
   try {
     fastckpt::run_copies(file, tasks, threads);
   } catch (const fastckpt::Error& e) {
@@ -155,7 +155,7 @@ bool throws_record_error(const MappedFile& file, const std::vector<CopyTask>& ta
   return false;
 }
 
-void test_bounds(const MappedFile& file) {
+void test_bounds(const FileMemory& file) {
   const uint64_t size = file.size();
   Destination before(4096);
   std::memset(before.data(), 0x5A, before.size());
@@ -180,7 +180,7 @@ void test_bounds(const MappedFile& file) {
 void test_truncated_file() {
   const std::vector<uint8_t> bytes = random_bytes(24u << 20, 11);
   const TempFile tmp(bytes);
-  const std::shared_ptr<MappedFile> file = MappedFile::open(tmp.path);
+  const std::shared_ptr<FileMemory> file = FileMemory::open(tmp.path);
   CHECK(truncate(tmp.path.c_str(), 10 << 20) == 0);
   Destination dest(bytes.size());
   CHECK(throws_record_error(*file, {{0, bytes.size(), dest.data(), true}}, 2));
@@ -199,13 +199,13 @@ int main() {
   const std::vector<uint8_t> bytes = random_bytes((30u << 20) + 123, 10);
   {
     const TempFile tmp(bytes);
-    const std::shared_ptr<MappedFile> file = MappedFile::open(tmp.path);
+    const std::shared_ptr<FileMemory> file = FileMemory::open(tmp.path);
     CHECK(file->fd() >= 0);
     test_copies(*file, bytes, "file");
     test_bounds(*file);
   }
   {
-    const std::shared_ptr<MappedFile> anon = MappedFile::anonymous(bytes.size());
+    const std::shared_ptr<FileMemory> anon = FileMemory::anonymous(bytes.size());
     std::memcpy(anon->mutable_data(), bytes.data(), bytes.size());
     test_copies(*anon, bytes, "anonymous");
     test_bounds(*anon);

@@ -18,7 +18,7 @@
 #include "check.h"
 #include "core/crc32.h"
 #include "core/errors.h"
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 #include "core/zip_index.h"
 #include "core/zip_writer.h"
 
@@ -79,7 +79,7 @@ void test_file_equals_stream_and_reads_back() {
       CHECK(size == streamed.size());
       CHECK(read_file(path) == streamed);
 
-      const auto file = fastckpt::MappedFile::open(path);
+      const auto file = fastckpt::FileMemory::open(path);
       const fastckpt::ZipIndex index = fastckpt::ZipIndex::parse(file->data(), file->size());
       CHECK(index.prefix() == "ckpt");
       CHECK(index.records().size() == records.size() + 1);

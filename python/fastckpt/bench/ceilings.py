@@ -11,7 +11,8 @@ load can approach a ceiling but not beat it:
 Every reader uses os.preadv from Python threads: the GIL is released for each (MiB-sized) call, so
 Python costs nothing measurable here.
 
-Request: {"files": [path, ...], "cuda": "cuda:0" | null, "bytes": buffer size}. Reply: GB/s figures.
+Request: {"files": [path, ...], "cuda": "cuda:0" | null, "bytes": buffer size, "cold": bool (search for the
+cold-read ceiling: only runs with cold cases need it)}. Reply: GB/s figures.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 def main(argv: list[str]) -> int:
     request = json.loads(argv[0])
     result = memory(request["bytes"])
-    result["files"] = {path: file_ceilings(path) for path in request["files"]}
+    result["files"] = {path: file_ceilings(path, request.get("cold", True)) for path in request["files"]}
     if request.get("cuda"):
         result.update(host_to_device(request["cuda"], request["bytes"]))
     sys.stdout.write("\n" + json.dumps(result) + "\n")
@@ -172,7 +173,7 @@ def memory(nbytes: int) -> dict:
     return {"memcpy_1core": memcpy, "populate": best_gbps(nbytes, populate)}
 
 
-def file_ceilings(path: str) -> dict:
+def file_ceilings(path: str, cold: bool = True) -> dict:
     from fastckpt.bench import coldcache
 
     size = min(os.path.getsize(path), FILE_CAP)
@@ -187,7 +188,7 @@ def file_ceilings(path: str) -> dict:
         "warm_eager": best_gbps(size, warm_eager, repeat=5),
         "pagecache_map": best_gbps(os.path.getsize(path), lambda: map_and_touch(path), repeat=5),
     }
-    out.update(cold_read(path, size))
+    out.update(cold_read(path, size) if cold else {"cold_read": None, "cold_read_note": "no cold runs"})
     return out
 
 

@@ -1,13 +1,14 @@
 """The loaders under test. Each one is built in the worker (imports done) before the clock starts.
 
-A contender id is one of CONTENDERS, a family name (torch, safetensors, fastckpt) standing for all
-of its members, or `module:function` for any loader called as `function(path, map_location)` on
+A contender is named by its id (one of CONTENDERS), by a pattern or `all` (see `resolve`), or as
+`module:function` for any loader called as `function(path, map_location)` on
 the .pt file (handy to benchmark a branch, and how the tests feed in a deliberately wrong loader).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import importlib.util
 from typing import Callable
@@ -151,18 +152,27 @@ BASELINE = "torch"  # every contender's time is also shown relative to the defau
 
 
 def resolve(ids: list[str]) -> list[Contender]:
-    """Contenders for ids, family names and module:function specs, in order, without duplicates."""
+    """Contenders for ids, patterns and module:function specs, in order, without duplicates.
+
+    An exact id names that contender alone (`torch` is torch.load's default call, not its family);
+    `safetensors` (a family that is no id) names both of its calls; a shell pattern (`fastckpt*`,
+    `*mmap*`) the ids it matches; `all` every built-in contender."""
     out: dict[str, Contender] = {}
     for name in ids:
         if ":" in name:
             out.setdefault(name, _custom(name))
             continue
-        members = [c for c in CONTENDERS.values() if name in (c.id, c.family)]
+        if name in CONTENDERS:
+            members = [CONTENDERS[name]]
+        elif name == "all":
+            members = list(CONTENDERS.values())
+        else:
+            members = [c for c in CONTENDERS.values() if c.family == name or fnmatch.fnmatchcase(c.id, name)]
         if not members:
             from fastckpt.bench.generate import BenchError
 
-            raise BenchError(f"unknown contender '{name}': choose from {', '.join(CONTENDERS)}, the families "
-                             f"torch, safetensors, fastckpt, or module:function")
+            raise BenchError(f"unknown contender '{name}': choose from {', '.join(CONTENDERS)}, all, safetensors, "
+                             f"a pattern such as 'fastckpt*', or module:function")
         for c in members:
             out.setdefault(c.id, c)
     return list(out.values())

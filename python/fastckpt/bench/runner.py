@@ -44,14 +44,17 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
     manifests = [generate.ensure(spec, config.cache_dir, log) for spec in config.checkpoints]
     ceilings = None
     if config.ceilings:
-        log("measuring ceilings (memcpy, populate, page cache, warm eager, cold reader search, H2D)")
+        cold = "cold" in config.modes
         cuda = next((d for d in config.devices if d.startswith("cuda")), None)
+        log(f"measuring ceilings (memcpy, populate, page cache, warm eager{', cold reader search' if cold else ''}"
+            f"{', H2D' if cuda else ''})")
         ceilings = call_python("fastckpt.bench.ceilings", {
-            "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES})
-    plan = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
-    runs = sum(c.runs_on(device) for _, device, _ in plan for c in config.contenders)
+            "files": [m["files"]["pt"]["path"] for m in manifests], "cuda": cuda, "bytes": CEILING_BYTES,
+            "cold": cold})
+    grid = [(m, device, mode) for m in manifests for device in config.devices for mode in config.modes]
+    runs = sum(len(case_contenders(m, device, config.contenders)) for m, device, _ in grid)
     progress = _Progress(runs * config.rounds, log)
-    cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in plan]
+    cases = [run_case(m, mode, device, config.contenders, config.rounds, progress) for m, device, mode in grid]
     results = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -80,8 +83,7 @@ def run(config: Config, log: Callable[[str], None]) -> dict:
 def run_case(manifest: dict, mode: str, device: str, contenders: list[Contender], rounds: int,
              progress: "_Progress") -> dict:
     case = {"checkpoint": manifest["name"], "mode": mode, "device": device, "samples": []}
-    # A user's .pt has no .safetensors twin; some rows run on a device only.
-    contenders = [c for c in contenders if c.fmt in manifest["files"] and c.runs_on(device)]
+    contenders = case_contenders(manifest, device, contenders)
     if mode == "warm":
         # The warm-up: every file read once, then checked resident (each worker records it again).
         case["warmup_resident"] = {fmt: coldcache.warm(manifest["files"][fmt]["path"])
@@ -94,6 +96,11 @@ def run_case(manifest: dict, mode: str, device: str, contenders: list[Contender]
             case["samples"].append(sample)
             progress.step(case, c, r, rounds, sample)
     return case
+
+
+def case_contenders(manifest: dict, device: str, contenders: list[Contender]) -> list[Contender]:
+    """The contenders that run in a case: a user's .pt has no .safetensors twin; some run on a device only."""
+    return [c for c in contenders if c.fmt in manifest["files"] and c.runs_on(device)]
 
 
 def is_correct(sample: dict, reference: dict, contender: Contender, device: str) -> bool | None:

@@ -1,4 +1,4 @@
-#include "core/mapped_file.h"
+#include "core/file_memory.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -28,19 +28,19 @@ int to_madvise(Advice advice) {
 
 }  // namespace
 
-std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
+std::shared_ptr<FileMemory> FileMemory::open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw_errno(path);
   return map_descriptor(fd, 0, path);
 }
 
-std::shared_ptr<MappedFile> MappedFile::open_fd(int fd, uint64_t start, const std::string& name) {
+std::shared_ptr<FileMemory> FileMemory::open_fd(int fd, uint64_t start, const std::string& name) {
   int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (own < 0) throw_errno(name);
   return map_descriptor(own, start, name);
 }
 
-std::shared_ptr<MappedFile> MappedFile::map_descriptor(int fd, uint64_t start, const std::string& path) {
+std::shared_ptr<FileMemory> FileMemory::map_descriptor(int fd, uint64_t start, const std::string& path) {
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     int saved = errno;
@@ -68,42 +68,42 @@ std::shared_ptr<MappedFile> MappedFile::map_descriptor(int fd, uint64_t start, c
     data = static_cast<uint8_t*>(p);
   }
   // SAFETY: start <= size (checked above).
-  return std::shared_ptr<MappedFile>(
-      new MappedFile(data == nullptr ? nullptr : data + start, size - static_cast<size_t>(start), fd, path, start));
+  return std::shared_ptr<FileMemory>(
+      new FileMemory(data == nullptr ? nullptr : data + start, size - static_cast<size_t>(start), fd, path, start));
 }
 
-std::shared_ptr<MappedFile> MappedFile::shared_view(const MappedFile& file) {
+std::shared_ptr<FileMemory> FileMemory::shared_view(const FileMemory& file) {
   if (file.fd_ < 0 || file.size_ == 0) return nullptr;
   const size_t whole = file.size_ + static_cast<size_t>(file.start_);
   void* p = ::mmap(nullptr, whole, PROT_READ, MAP_SHARED, file.fd_, 0);
   if (p == MAP_FAILED) throw_errno(file.path_);
-  return std::shared_ptr<MappedFile>(
-      new MappedFile(static_cast<uint8_t*>(p) + file.start_, file.size_, -1, file.path_, file.start_));
+  return std::shared_ptr<FileMemory>(
+      new FileMemory(static_cast<uint8_t*>(p) + file.start_, file.size_, -1, file.path_, file.start_));
 }
 
-std::shared_ptr<MappedFile> MappedFile::heap(size_t size) {
+std::shared_ptr<FileMemory> FileMemory::heap(size_t size) {
   void* p = nullptr;
   const int rc = ::posix_memalign(&p, 64, size);
   if (rc != 0) {
     errno = rc;
     throw_errno("allocating " + std::to_string(size) + " bytes");
   }
-  std::shared_ptr<MappedFile> m(new MappedFile(static_cast<uint8_t*>(p), size, -1, std::string()));
+  std::shared_ptr<FileMemory> m(new FileMemory(static_cast<uint8_t*>(p), size, -1, std::string()));
   m->heap_ = true;
   return m;
 }
 
-std::shared_ptr<MappedFile> MappedFile::anonymous(size_t size) {
+std::shared_ptr<FileMemory> FileMemory::anonymous(size_t size) {
   uint8_t* data = nullptr;
   if (size > 0) {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw_errno("anonymous mapping");
     data = static_cast<uint8_t*>(p);
   }
-  return std::shared_ptr<MappedFile>(new MappedFile(data, size, -1, std::string()));
+  return std::shared_ptr<FileMemory>(new FileMemory(data, size, -1, std::string()));
 }
 
-MappedFile::~MappedFile() {
+FileMemory::~FileMemory() {
   if (heap_)
     std::free(data_);
   else if (data_ != nullptr)
@@ -111,7 +111,7 @@ MappedFile::~MappedFile() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-void MappedFile::advise(Advice advice, size_t offset, size_t length) const noexcept {
+void FileMemory::advise(Advice advice, size_t offset, size_t length) const noexcept {
   if (heap_ || data_ == nullptr || offset >= size_) return;  // widened to pages, heap advice would hit neighbours
   if (length > size_ - offset) length = size_ - offset;
   // madvise wants a page-aligned address: widen the range down to the page.
