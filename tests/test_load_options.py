@@ -142,10 +142,10 @@ CUDA_FAILS = {
 }
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
 @pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 @pytest.mark.parametrize("form", list(CUDA_FAILS))
-def test_cuda_tagged_file_on_cpu_raises_torch_error(form, mmap, tmp_path, cuda_data):
+def test_cuda_tagged_file_on_cpu_raises_torch_error(form, mmap, tmp_path, cuda_data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, also on a GPU one
     p = write(tmp_path, cuda_data)
     got, ref = both(p, map_location=CUDA_FAILS[form](), mmap=mmap)
     assert isinstance(ref.exc, RuntimeError) and "torch.cuda.is_available() is False" in str(ref.exc)
@@ -485,3 +485,26 @@ def test_cli_inspect(path, tmp_path, capsys):
     p = write(tmp_path, save_bytes({"args": argparse.Namespace(lr=0.1)}), "ns.pt")
     assert main(["inspect", str(p)]) == 0
     assert "Namespace" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- interrupts
+
+
+def _interrupted(*args):
+    raise KeyboardInterrupt
+
+
+class _CallsInterrupted:
+    def __reduce__(self):
+        return _interrupted, ()
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+def test_interrupt_inside_a_call_is_not_a_file_error(tmp_path, weights_only):
+    """A Ctrl-C while the native machine runs a callable surfaces as KeyboardInterrupt, as in torch,
+    not as an UnpicklingError about the file."""
+    p = tmp_path / "calls.pt"
+    torch.save({"w": torch.ones(2), "x": _CallsInterrupted()}, p)
+    for load in (torch.load, fc_load):
+        with torch.serialization.safe_globals([_interrupted]), pytest.raises(KeyboardInterrupt):
+            load(p, weights_only=weights_only)

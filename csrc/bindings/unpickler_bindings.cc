@@ -339,8 +339,10 @@ class PyBuilder : public ValueBuilder<PyBuilder, PyValue> {
   // as fastckpt.UnpicklingError, chained to the original exception.
   [[noreturn]] void reraise_as_checkpoint_error(py::handle callee) {
     py::error_already_set e;
-    // weights_only=False runs the file's own code: its errors pass through, as in torch.
-    if (permissive_ || e.matches(checkpoint_error_)) throw e;
+    // weights_only=False runs the file's own code: its errors pass through, as in torch. So do
+    // a Ctrl-C or an exit (no Exception) and running out of memory: no verdict on the file.
+    if (permissive_ || e.matches(checkpoint_error_) || !e.matches(PyExc_Exception) || e.matches(PyExc_MemoryError))
+      throw e;
     std::string what = "calling " + py::repr(callee).cast<std::string>() + " with the file's arguments failed: " + e.what();
     e.restore();
     py::raise_from(unpickling_error_.ptr(), what.c_str());
