@@ -7,6 +7,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     Record,
     allocate,
     check_tensor_in_storage,
+    copy_memory,
     crc32,
     crc32_combine,
     crc32_implementation,
@@ -17,5 +18,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     StoragePlan,
     type_dispatch,
     unpickle,
+    write_pieces,
     write_zip,
+    zip_data_offsets,
 )

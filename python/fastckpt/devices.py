@@ -77,7 +77,8 @@ class _CudaSession:
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        with torch.cuda.stream(self._copy[dst.device]):
+        """Host to device, or device to host (saves) into a pinned buffer, on the device's copy stream."""
+        with torch.cuda.stream(self._copy[src.device if dst.device.type == "cpu" else dst.device]):
             dst.copy_(src, non_blocking=True)
 
     def record(self, device):
