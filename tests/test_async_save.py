@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -164,14 +165,14 @@ def test_same_path_completes_in_call_order(tmp_path, monkeypatch):
 
 
 def test_max_in_flight_bounds_snapshots(tmp_path, monkeypatch):
-    gate = __import__("threading").Event()
+    gate = threading.Event()
     real = writer.write_to_path
     monkeypatch.setattr(writer, "write_to_path", lambda *a, **k: (gate.wait(), real(*a, **k)))
     s = fastckpt.AsyncSaver(max_in_flight=2)
     first = s.save(state(0), tmp_path / "a.pt")
     s.save(state(1), tmp_path / "b.pt")
-    assert s._in_flight == 2 and not first.done()
-    timer = __import__("threading").Timer(0.2, gate.set)
+    assert not first.done()
+    timer = threading.Timer(0.2, gate.set)
     timer.start()
     s.save(state(2), tmp_path / "c.pt")  # waits for the first write
     assert first.done()
@@ -225,6 +226,25 @@ def test_read_only_folder_fails_in_background(tmp_path, saver):
     finally:
         folder.chmod(0o700)
     assert os.listdir(folder) == []
+
+
+def test_folder_removed_before_the_write_fails_in_background(tmp_path, monkeypatch):
+    """A real OS error (no injection; root ignores read-only folders): the folder goes away between the
+    snapshot and the write, held back behind another save."""
+    gate = threading.Event()
+    real = writer.write_to_path
+    monkeypatch.setattr(writer, "write_to_path", lambda *a, **k: (gate.wait(5), real(*a, **k)))
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    with fastckpt.AsyncSaver(max_in_flight=2) as s:
+        first = s.save(state(0), tmp_path / "a.pt")
+        second = s.save(state(1), folder / "x.pt")
+        folder.rmdir()
+        gate.set()
+        first.result()
+        with pytest.raises(FileNotFoundError):
+            second.result()
+    assert sorted(os.listdir(tmp_path)) == ["a.pt"]
 
 
 def test_paths_only_and_zip_format_only(tmp_path, saver):

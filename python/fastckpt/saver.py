@@ -207,12 +207,7 @@ class AsyncSaver:
         raises a failure no handle has reported. Idempotent."""
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            while thread.is_alive():
-                thread.join(0.1)  # timed: Ctrl-C reaches the caller meanwhile
-        with self._lock:
+            self._lock.wait_for(lambda: self._in_flight == 0)
             self._free.clear()
             self._raise_unreported()
 
@@ -316,16 +311,17 @@ class AsyncSaver:
 
     def _start_thread(self) -> None:
         """Requires self._lock."""
-        if self._thread is None or not self._thread.is_alive():
-            # A daemon thread: the atexit hook, not the interpreter's join, completes pending writes.
+        if self._thread is None:
+            # A daemon thread: the atexit hook, not the interpreter's join, completes pending writes. It
+            # ends when the queue is empty, so a saver dropped without close() is not kept alive by it.
             self._thread = threading.Thread(target=self._run, name="fastckpt-saver", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
+                    self._thread = None
                     return
                 job = self._queue[0]
             start = time.perf_counter()
@@ -361,7 +357,6 @@ class AsyncSaver:
         try:
             with self._lock:
                 self._closed = True
-                self._lock.notify_all()
                 self._lock.wait_for(lambda: self._in_flight == 0)
                 failed = [h for h in self._unreported if not h._reported]
                 self._unreported.clear()
