@@ -116,6 +116,18 @@ def test_file_is_the_state_at_call_time_under_mutation(tmp_path, saver, via):
     assert handle.snapshot_seconds > 0 and handle.write_seconds > 0
 
 
+@pytest.mark.parametrize("setting", [{"save.compute_crc32": False}, {"save.storage_alignment": 4096}])
+def test_serialization_config_as_a_synchronous_save(tmp_path, saver, setting):
+    from torch.utils.serialization import config
+
+    obj = state(7, big=1 << 18)
+    with config.patch(setting):
+        expected = sync_bytes(tmp_path, "c.pt", obj)
+        handle = saver.save(obj, tmp_path / "c.pt")
+    handle.result()
+    assert (tmp_path / "c.pt").read_bytes() == expected
+
+
 def test_device_storages_snapshot_through_the_backend(tmp_path, saver):
     obj = state(2, big=1 << 20)
     expected = sync_bytes(tmp_path, "d.pt", obj)
