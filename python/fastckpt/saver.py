@@ -40,11 +40,14 @@ def save(
     _use_new_zipfile_serialization=True,
     _disable_byteorder_record=False,
     *,
+    threads=None,
+    atomic=True,
+    fsync=False,
+    staging_bytes=None,
     background=False,
-    **options,
 ):
-    """Save `obj` like ``torch.save`` does (see ``fastckpt.writer.save`` for the keywords ``threads``,
-    ``atomic``, ``fsync``, ``staging_bytes``).
+    """Save `obj` like ``torch.save`` does: ``fastckpt.writer.save`` says how, and what ``threads``,
+    ``atomic``, ``fsync`` and ``staging_bytes`` (synchronous saves of device storages) do.
 
     ``background=True`` (a path only) returns a :class:`SaveHandle` once a snapshot of `obj` is taken,
     and writes the file on the default :class:`AsyncSaver`'s thread (one save in flight: the next
@@ -52,10 +55,10 @@ def save(
     """
     if not background:
         return writer.save(obj, f, pickle_module, pickle_protocol, _use_new_zipfile_serialization,
-                           _disable_byteorder_record, **options)
-    options.pop("staging_bytes", None)  # a snapshot holds every storage: there is no ring to size
+                           _disable_byteorder_record, threads=threads, atomic=atomic, fsync=fsync,
+                           staging_bytes=staging_bytes)
     return default_saver().save(obj, f, pickle_module, pickle_protocol, _use_new_zipfile_serialization,
-                                _disable_byteorder_record, **options)
+                                _disable_byteorder_record, threads=threads, atomic=atomic, fsync=fsync)
 
 
 class SaveHandle:

@@ -238,7 +238,9 @@ def _stream_to_file(fd: int, path: str, pickled: Pickled, staged: dict, staging_
 
 
 def _stream_ring(fd, path, backend, items, where, slot_bytes, compute_crc32, threads) -> dict:
-    # Chunks: (parts, devices), a part = (key, source view, offset in the record, length, buffer offset).
+    """_stream_to_file for the storages of one backend: [(key, storage)]."""
+    # A chunk fills one ring buffer: its parts are (key, source view, offset in the record, length,
+    # offset in the buffer); small storages share a chunk, large ones are cut into several.
     chunks, parts, used = [], [], 0
     sources = {}
     for key, storage in items:
@@ -279,7 +281,8 @@ def _stream_ring(fd, path, backend, items, where, slot_bytes, compute_crc32, thr
             buffer = buffers[slot]
             base = buffer.data_ptr()
             pieces = [(where[key] + start, base + at, n) for key, _, start, n, at in chunk]
-            for (key, _, start, n, at), crc in zip(chunk, _native.write_pieces(fd, pieces, compute_crc32, threads or 0, path)):
+            written = _native.write_pieces(fd, pieces, compute_crc32, threads or 0, path)
+            for (key, _, start, n, at), crc in zip(chunk, written):
                 if start == 0:
                     crcs[key] = (crc, n, bytes(buffer[at : at + min(n, 8)].numpy()))
                 else:
