@@ -149,8 +149,10 @@ class Pickled:
         """({key: CPU storage}, {key: (device storage, its devices backend)}); storages on other devices
         are copied to the CPU here, as torch.save does. A devices.use_backend override for "cpu"
         (tests) sends CPU storages through its backend as if they were on a device."""
-        cpu, staged = {}, {}
         cpu_backend = devices.backend_for("cpu")
+        if cpu_backend is None and len(self.cpu) == len(self.storages):
+            return dict(self.storages), {}
+        cpu, staged = {}, {}
         for key, storage in self.storages.items():
             kind = "cpu" if key in self.cpu else storage.device.type
             backend = cpu_backend if kind == "cpu" else devices.backend_for(kind)
