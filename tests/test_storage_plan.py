@@ -42,6 +42,43 @@ def test_targets_follow_torch_rules(shared, targets, location, expected):
     assert plan.target(location) == expected
 
 
+@pytest.mark.parametrize(("targets", "named"), [
+    (None, []),                                     # every storage stays where its tag says
+    ("cuda:1", ["cuda:1"]),
+    ({"cpu": "cuda:0", "cuda:1": "cpu"}, ["cpu", "cuda:0"]),
+    (lambda s, loc: s, None),                       # decided per storage, by Python
+])
+def test_named_targets(shared, targets, named):
+    """What the loader decides staging from without scanning the pickle: the targets map_location names."""
+    plan = Plan(open_archive(shared), Plan.Mode.arena, targets, True)
+    got = plan.named_targets()
+    assert (sorted(got) if got is not None else None) == named
+
+
+def test_destinations_decided_once(tmp_path, monkeypatch):
+    """Where storages go is decided by the loader's plan; the stager is handed the staged storages
+    and their devices, and map_location is not parsed again (a fake backend claims "cuda")."""
+    from fastckpt import devices, loader
+    from fastckpt.testing import FakeBackend
+
+    path = _ckpt(tmp_path, save_bytes({"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}))
+    made = []
+    monkeypatch.setattr(devices, "Stager", lambda archive, staged, backend, **kw: made.append(staged) or None)
+    archive = open_archive(path)
+    data_pickle = fastckpt.archive.read_data_pickle(archive)
+    with devices.use_backend(FakeBackend()):
+        for map_location, staged in (("cpu", None), ({"cpu": "cuda:1"}, ["0", "1"]), (None, None),
+                                     (lambda s, loc: s, None)):
+            made.clear()
+            plan, _, _ = loader._plan(archive, data_pickle, map_location, mmap=False, verify=None, threads=1,
+                                      staging_bytes=devices.DEFAULT_STAGING_BYTES)
+            plan.finish()
+            assert ([sorted(k for k, _, _ in made[0])] if made else [None]) == [staged], map_location
+            if made:
+                assert {str(d) for _, _, d in made[0]} == {"cuda:1"}
+                assert plan.source("0", 12) == Plan.Source.staged
+
+
 @pytest.mark.parametrize("mmap", [False, True])
 def test_bytes_and_sizes(shared, mmap):
     archive = open_archive(shared)
@@ -102,3 +139,26 @@ def test_meta_plans_read_nothing(shared):
     plan = Plan(archive, Plan.Mode.meta, None, True)
     assert plan.source("0", 0) == Plan.Source.meta  # no size check: torch reads no byte either
     assert plan.data_offset("0") == archive.record("data/0").data_offset
+
+
+def test_keep_on_cpu(tmp_path):
+    """A distributed load leaves the storages this rank did not ask for on the CPU, whatever
+    map_location says: neither staged nor restored."""
+    from fastckpt import devices, loader
+    from fastckpt.testing import FakeBackend
+
+    state = {"a": torch.ones(3), "b": torch.arange(4), "c": torch.zeros(2, dtype=torch.int64)}
+    path = _ckpt(tmp_path, save_bytes(state))
+
+    def load(map_location, keep):
+        return loader._load_archive(open_archive(path), map_location, None, weights_only=True, mmap=False, verify=None,
+                                    threads=1, pickle_load_args={"encoding": "utf-8"}, keep_on_cpu=frozenset(keep))
+
+    got = load({"cpu": "meta"}, {"1"})  # torch.save numbers storages in order: "1" is b's
+    assert [got[k].device.type for k in "abc"] == ["meta", "cpu", "meta"]
+    assert torch.equal(got["b"], state["b"])
+    fake = FakeBackend()
+    with devices.use_backend(fake):
+        got = load("cuda:0", {"0", "2"})
+    assert fake.device_allocations == 1  # only b's storage was staged
+    assert_same(got, torch_load(path).get())

@@ -50,6 +50,9 @@ void register_plan(py::module_& m) {
       .def_property_readonly("mode", &StoragePlan::mode)
       .def("target", &StoragePlan::target, py::arg("location"),
            "Where a storage tagged `location` goes; None when map_location decides per storage.")
+      .def("named_targets", &StoragePlan::named_targets,
+           "The targets map_location names (a string, a dict's values; [] when it keeps every tag); "
+           "None when it decides per storage. Every storage goes to one of them or stays where its tag says.")
       .def("stage", &StoragePlan::stage, py::arg("key"), "Before start(): the storage goes to a device elsewhere.")
       .def(
           "adopt",

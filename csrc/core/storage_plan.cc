@@ -52,6 +52,20 @@ std::optional<std::string> LocationRule::target(std::string_view location) const
   return std::nullopt;
 }
 
+std::optional<std::vector<std::string>> LocationRule::named_targets() const {
+  switch (kind_) {
+    case Kind::Unchanged: return std::vector<std::string>{};
+    case Kind::Constant: return std::vector<std::string>{constant_};
+    case Kind::Table: {
+      std::vector<std::string> values;
+      for (const auto& [tag, target] : table_) values.push_back(target);
+      return values;
+    }
+    case Kind::PerStorage: return std::nullopt;
+  }
+  return std::nullopt;
+}
+
 StoragePlan::StoragePlan(std::shared_ptr<const Archive> archive, Mode mode, LocationRule rule, bool native_cpu)
     : archive_(std::move(archive)), mode_(mode), rule_(std::move(rule)), native_cpu_(native_cpu) {
   // One sequential pass over the index: random probes into a large index cost a cache miss each.

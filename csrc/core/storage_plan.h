@@ -31,6 +31,10 @@ class LocationRule {
 
   Kind kind() const noexcept { return kind_; }
   std::optional<std::string> target(std::string_view location) const;
+  // The targets map_location names itself (a constant, a dict's values; none
+  // when tags are kept); nullopt when it decides per storage. A storage goes
+  // to one of these or stays where its tag says.
+  std::optional<std::vector<std::string>> named_targets() const;
 
  private:
   explicit LocationRule(Kind kind) : kind_(kind) {}
@@ -61,6 +65,7 @@ class StoragePlan {
   Mode mode() const noexcept { return mode_; }
   const Archive& archive() const noexcept { return *archive_; }
   std::optional<std::string> target(std::string_view location) const { return rule_.target(location); }
+  std::optional<std::vector<std::string>> named_targets() const { return rule_.named_targets(); }
   // Whether a storage tagged `location` is made natively, as a CPU storage
   // over the plan's bytes (else the Python path restores it, asking bytes()).
   bool native(std::string_view location) const;

@@ -19,6 +19,8 @@ Everything here mirrors torch 2.13's ``torch.load`` and ``torch._weights_only_un
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import pickle
 import re
@@ -36,6 +38,22 @@ from fastckpt.inspection import python3_name
 from fastckpt.errors import LimitError, MetadataError, UnsafeGlobalError
 
 _TRUE_VALUES = ("1", "y", "yes", "true")
+
+
+def _env_flag(name: str) -> bool:
+    """TORCH_FORCE_(NO_)WEIGHTS_ONLY_LOAD read as the installed torch.load reads it."""
+    value = os.getenv(name, "0")
+    return (value.lower() if _torch_lowercases_env_flags() else value) in _TRUE_VALUES
+
+
+@functools.cache
+def _torch_lowercases_env_flags() -> bool:
+    """Whether torch.load lower-cases those variables first (torch 2.13 does, 2.4-2.11 do not). It
+    reads them inline, so no torch function says: its source does (without one, as 2.13)."""
+    try:
+        return '"TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower()' in inspect.getsource(torch.serialization.load)
+    except (OSError, TypeError):
+        return True
 DOCS_MESSAGE = (  # as torch.load appends it (a local there)
     "\n\nCheck the documentation of torch.load to learn more about types accepted by default with "
     "weights_only https://pytorch.org/docs/stable/generated/torch.load.html."
@@ -47,8 +65,8 @@ def resolve_weights_only(weights_only, pickle_module):
     not_set = weights_only is None
     if not_set:
         weights_only = torch.serialization._default_to_weights_only(pickle_module)
-    force_wo = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
-    force_no_wo = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    force_wo = _env_flag("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    force_no_wo = _env_flag("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     if force_wo and force_no_wo:
         raise RuntimeError(
             "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "

@@ -32,10 +32,11 @@ _DLPACK_TYPES = {
 }
 
 
-def default_deserializers_first() -> bool:
-    """True when nothing registered ahead of torch's CPU deserializer could claim a 'cpu' storage."""
-    registry = torch.serialization._package_registry
-    return bool(registry) and registry[0][2] is torch.serialization._cpu_deserialize
+def torch_deserializers_first() -> bool:
+    """True when torch's own deserializers come before any registered by others, so every tag
+    torch restores (cpu, cuda, mps, ...) is restored by torch: storages may then be made natively."""
+    own = [getattr(fn, "func", fn).__module__ == "torch.serialization" for _, _, fn in torch.serialization._package_registry]
+    return bool(own) and own[0] and sorted(own, reverse=True) == own  # some are partials
 
 
 def _storage_from_buffer(buffer, nbytes: int):
@@ -51,8 +52,9 @@ class Storages:
     device stager for staged ones, then restored where map_location says.
     """
 
-    def __init__(self, plan, map_location, *, byteswap: bool, stager=None):
+    def __init__(self, plan, map_location, *, byteswap: bool, stager=None, keep_on_cpu=frozenset()):
         self._plan = plan
+        self._keep_on_cpu = keep_on_cpu  # keys the plan leaves on the CPU whatever map_location says
         self._stager = stager
         self._restore_location = _get_restore_location(map_location)
         self._byteswap = byteswap
@@ -110,7 +112,8 @@ class Storages:
             if self._byteswap:
                 storage.byteswap(dtype)
             try:
-                storage = self._restore_location(storage, location)
+                if key not in self._keep_on_cpu:
+                    storage = self._restore_location(storage, location)
             except RuntimeError as e:  # no deserializer for the tag, or its device is absent: torch's text
                 if isinstance(e, CheckpointError):
                     raise

@@ -1,34 +1,38 @@
 """Device loads: file → reused (pinned) host buffers → device, behind a small backend seam.
 
 A storage whose target is a CUDA or MPS device is not made on the CPU and copied by torch one
-storage at a time from pageable or mapped pages. Before unpickling, ``plan_staging`` finds the
-storages the pickle names (a native scan) and where ``map_location`` sends them; a stager thread
-then reads their bytes with the copy engine (pread on worker threads, CRC-32 on the way, GIL
-released) into a ring of host buffers allocated once per load, and issues asynchronous copies from
-there to the device; an event per buffer gates its reuse, so reads, CRC and copies overlap while
-host memory stays within ``staging_bytes``. Storages of at most ``PACK_BYTES`` share one buffer,
-one copy and one device slab (each a view that keeps the slab alive); larger ones get their own
-device allocation, so freeing the tensor frees its memory.
+storage at a time from pageable or mapped pages. The loader's storage plan decides, once per load,
+which storages go to which device (``loader._plan``); a ``Stager`` then reads their bytes on a thread
+of its own with the copy engine (pread on worker threads, CRC-32 on the way, GIL released) into a
+ring of host buffers, and issues asynchronous copies from there to the device; an event per buffer
+gates its reuse, so reads, CRC and copies overlap while host memory stays within ``staging_bytes``.
 
-Backends: ``CudaBackend`` (pinned buffers from torch's caching host allocator, which keeps them
-for the next load; a copy stream per device), ``MpsBackend`` (no pinning on MPS; same ring) and
-``FakeBackend`` (tests: device memory is host memory, copies run on a thread of their own). A load
-picks the backend for each target device type; ``use_backend(backend)`` overrides the one for
+Every storage is its own device allocation (``torch.empty`` on the caller's stream), as with
+``torch.load``: ``record_stream``, IPC sharing, ``resize_`` and freeing behave as users expect, and a
+zero-byte storage has data pointer 0. Batching happens in the copies: consecutive storages share a
+ring buffer; on CUDA the small ones among them travel in one host→device copy into a temporary
+device buffer (allocated on the copy stream, so only later work on that stream reuses it) and are
+scattered on the device into their own allocations by one ``_foreach_copy_``. MPS copies each
+storage on its own (an MPS storage's data pointer is a buffer handle: no slices of one).
+
+The ring is allocated once per process per backend and reused by later loads (``HostRing``; the
+first load allocates its buffers on a helper thread while it reads into the first one).
+``release_host_buffers()`` frees the idle ones.
+
+Backends: ``CudaBackend`` (pinned buffers, a copy stream per device, blocking events),
+``MpsBackend`` (no pinning on MPS) and ``fastckpt.testing.FakeBackend`` (tests: device memory is host
+memory, copies run on a thread of their own). ``use_backend(backend)`` overrides the backend for
 ``backend.device_type`` in the calling context only, e.g.
-``with use_backend(FakeBackend()): fastckpt.load(path, map_location="cuda:0")``.
+``with use_backend(testing.FakeBackend()): fastckpt.load(path, map_location="cuda:0")``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import random
 import threading
-import time
 import traceback
-import weakref
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,9 +40,56 @@ from fastckpt import _native
 
 DEFAULT_STAGING_BYTES = 4 * (64 << 20)
 SLOTS = 4  # ring buffers: one being read, one being copied, two of slack for uneven steps
-PACK_BYTES = 1 << 20  # torch's allocator also serves storages this small from shared blocks
-_PACK_ALIGN = 256  # each packed storage starts aligned as a cudaMalloc'd one would
+PACK_BYTES = 1 << 20  # smaller storages travel to the device together and are scattered there
+_ALIGN = 256  # each storage starts in a ring buffer aligned as a cudaMalloc'd one would
 _MIN_SLOT_BYTES = 4096
+_MIN_PIECE = 64 << 10  # a large storage's first piece fills what a buffer has left if at least this (or 1/8)
+
+
+# ---- the host ring ------------------------------------------------------------------------------
+
+
+class HostRing:
+    """Host buffers (pinned for CUDA) kept between loads: a process pays their allocation once.
+
+    A load takes up to ``SLOTS`` buffers and gives them back when no copy from them can run any
+    more. Idle buffers are kept up to one ring's worth (the largest); concurrent loads allocate
+    more, which are freed when given back. Thread-safe: the one pool shared across loads.
+    """
+
+    def __init__(self, allocate):
+        self._allocate = allocate  # nbytes -> 1-D uint8 tensor
+        self._lock = threading.Lock()
+        self._idle: list = []  # (tensor, numpy view)
+        self.allocations = 0  # buffers ever allocated (tests count reuse with it)
+
+    def take(self, nbytes: int, limit: int):
+        """An idle buffer of at least `nbytes` and at most `limit` bytes, else a new one of `nbytes`."""
+        with self._lock:
+            fits = [b for b in self._idle if nbytes <= b[0].numel() <= limit]
+            if fits:
+                best = min(fits, key=lambda b: b[0].numel())
+                self._idle.remove(best)
+                return best
+            self.allocations += 1
+        tensor = self._allocate(nbytes)  # outside the lock: a pinned allocation takes milliseconds
+        return tensor, tensor.numpy()
+
+    def give(self, buffers) -> None:
+        with self._lock:
+            self._idle.extend(buffers)
+            self._idle.sort(key=lambda b: b[0].numel(), reverse=True)
+            del self._idle[SLOTS:]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+    @property
+    def idle(self) -> int:
+        """Buffers waiting for the next load."""
+        with self._lock:
+            return len(self._idle)
 
 
 # ---- backends -----------------------------------------------------------------------------------
@@ -47,6 +98,15 @@ _MIN_SLOT_BYTES = 4096
 class CudaBackend:
     device_type = "cuda"
 
+    def __init__(self):
+        self.ring = HostRing(lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        self._streams: dict = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        return torch.cuda.is_available()
+
     def device(self, target: torch.device) -> torch.device | None:
         """The device torch.load would use ("cuda" = the current one), or None to leave it to torch."""
         if not torch.cuda.is_available():
@@ -54,35 +114,69 @@ class CudaBackend:
         index = torch.cuda.current_device() if target.index is None else target.index
         return torch.device("cuda", index) if index < torch.cuda.device_count() else None
 
+    def copy_stream(self, device: torch.device):
+        """One per device and process: temporary device buffers freed on it return to its pool."""
+        with self._lock:
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            return self._streams[device]
+
     def session(self, devices) -> _CudaSession:
-        return _CudaSession(devices)
+        return _CudaSession(self, devices)
+
+
+def _runs(pieces):
+    """Consecutive small pieces grouped (one copy and one scatter each); a large piece alone."""
+    run: list = []
+    for piece in pieces:
+        if piece[2] >= PACK_BYTES:
+            if run:
+                yield run
+                run = []
+            yield [piece]
+        else:
+            run.append(piece)
+    if run:
+        yield run
 
 
 class _CudaSession:
-    def __init__(self, devices):
+    def __init__(self, backend: CudaBackend, devices):
         self._caller = {d: torch.cuda.current_stream(d) for d in devices}
-        self._copy = {d: torch.cuda.Stream(d) for d in devices}
+        self._copy = {d: backend.copy_stream(d) for d in devices}
         for d in devices:
             # Memory the caller freed may still be read by its queued work: copies start after it.
             self._copy[d].wait_stream(self._caller[d])
 
-    @staticmethod
-    def host_buffer(nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
     def empty(self, device, nbytes: int) -> torch.Tensor:
-        # Allocated for the caller's stream (the stager thread's current stream is another), so
-        # memory freed later returns to the pool the caller allocates from.
+        # Allocated for the caller's stream (the stager thread's current stream is another), so the
+        # storage is an ordinary block of the caller's pool, freed and reused as torch.load's are.
         with torch.cuda.stream(self._caller[device]):
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Host to device, or device to host (saves) into a pinned buffer, on the device's copy stream."""
-        with torch.cuda.stream(self._copy[src.device if dst.device.type == "cpu" else dst.device]):
-            dst.copy_(src, non_blocking=True)
+    def copy(self, device, buffer: torch.Tensor, pieces) -> None:
+        """Copies buffer[at : at + n] into each piece's `dst` (device tensors of n bytes)."""
+        with torch.cuda.stream(self._copy[device]):
+            for run in _runs(pieces):
+                if len(run) == 1:
+                    dst, at, n = run[0]
+                    dst.copy_(buffer[at : at + n], non_blocking=True)
+                    continue
+                lo, hi = run[0][1], run[-1][1] + run[-1][2]
+                # On the copy stream: freed right after this is queued, the block is reused only by
+                # later work on the same stream, so no record_stream is needed.
+                packed = torch.empty(hi - lo, dtype=torch.uint8, device=device)
+                packed.copy_(buffer[lo:hi], non_blocking=True)
+                torch._foreach_copy_([dst for dst, _, _ in run], [packed[at - lo : at - lo + n] for _, at, n in run])
+
+    def to_host(self, device, buffer: torch.Tensor, pieces) -> None:
+        """Saves: copies each piece's `src` (a device tensor of n bytes) into buffer[at : at + n]."""
+        with torch.cuda.stream(self._copy[device]):
+            for src, at, n in pieces:
+                buffer[at : at + n].copy_(src, non_blocking=True)
 
     def record(self, device):
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning a core
         event.record(self._copy[device])
         return event
 
@@ -99,6 +193,13 @@ class _CudaSession:
 class MpsBackend:
     device_type = "mps"
 
+    def __init__(self):
+        self.ring = HostRing(lambda n: torch.empty(n, dtype=torch.uint8))  # MPS has no pinned memory
+
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mps.is_available()
+
     def device(self, target: torch.device) -> torch.device | None:
         return torch.device("mps", 0) if torch.backends.mps.is_available() else None
 
@@ -107,19 +208,22 @@ class MpsBackend:
 
 
 class _MpsSession:
-    """MPS has no pinned memory and runs copies and the caller's work on one queue."""
-
-    @staticmethod
-    def host_buffer(nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
+    """One queue for copies and the caller's work; each storage copied on its own (no packing:
+    an MPS storage's data pointer is its buffer's handle, so a device-side slice is no storage)."""
 
     @staticmethod
     def empty(device, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     @staticmethod
-    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-        dst.copy_(src, non_blocking=True)
+    def copy(device, buffer: torch.Tensor, pieces) -> None:
+        for dst, at, n in pieces:
+            dst.copy_(buffer[at : at + n], non_blocking=True)
+
+    @staticmethod
+    def to_host(device, buffer: torch.Tensor, pieces) -> None:
+        for src, at, n in pieces:
+            buffer[at : at + n].copy_(src, non_blocking=True)
 
     @staticmethod
     def record(device):
@@ -133,139 +237,6 @@ class _MpsSession:
     @staticmethod
     def close() -> None:
         torch.mps.synchronize()
-
-
-class FakeBackend:
-    """A stand-in device for tests: device memory is host memory, each copy runs on a copy thread
-    after a random delay. It checks what the ring promises and counts what it saw:
-
-    - ``early_refills``: copies whose source bytes changed between issue and execution (a buffer
-      refilled before its copy finished);
-    - ``max_host_bytes`` / ``max_in_flight``: peak bytes of live host buffers / of issued, unfinished copies;
-    - ``live_host_buffers``: host buffers not yet freed; ``copies``, ``copy_seconds``.
-
-    ``fail_copy=n`` makes the n-th copy (1-based) raise; ``on_copy(n)`` is called before each copy
-    on the copy thread (tests raise from it, or interrupt the main thread).
-    """
-
-    def __init__(self, device_type: str = "cuda", *, delay=(0.0, 0.0), seed: int = 0, fail_copy=None, on_copy=None):
-        self.device_type = device_type
-        self.delay = delay
-        self.fail_copy = fail_copy
-        self.on_copy = on_copy
-        self._random = random.Random(seed)
-        self._lock = threading.Lock()
-        self.copies = 0
-        self.copy_seconds = 0.0
-        self.early_refills = 0
-        self.host_bytes = self.max_host_bytes = 0
-        self.in_flight = self.max_in_flight = 0
-        self.live_host_buffers = 0
-
-    def device(self, target: torch.device) -> torch.device:
-        return torch.device(self.device_type, target.index or 0)
-
-    def session(self, devices) -> _FakeSession:
-        return _FakeSession(self)
-
-    def _host_buffer_freed(self, nbytes: int) -> None:
-        with self._lock:
-            self.host_bytes -= nbytes
-            self.live_host_buffers -= 1
-
-
-class _FakeEvent:
-    def __init__(self, session: _FakeSession, issued: int):
-        self._session, self._issued = session, issued
-
-    def synchronize(self) -> None:
-        self._session.wait_for(self._issued)
-
-
-class _FakeSession:
-    def __init__(self, backend: FakeBackend):
-        self._backend = backend
-        self._queue: list = []
-        self._changed = threading.Condition()
-        self._issued = self._done = 0
-        self._error: BaseException | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="fastckpt-fake-copy", daemon=True)
-        self._thread.start()
-
-    def host_buffer(self, nbytes: int) -> torch.Tensor:
-        b = self._backend
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        with b._lock:
-            b.host_bytes += nbytes
-            b.max_host_bytes = max(b.max_host_bytes, b.host_bytes)
-            b.live_host_buffers += 1
-        weakref.finalize(buffer, b._host_buffer_freed, nbytes)
-        return buffer
-
-    @staticmethod
-    def empty(device, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        b = self._backend
-        with b._lock:
-            b.in_flight += src.numel()
-            b.max_in_flight = max(b.max_in_flight, b.in_flight)
-        with self._changed:
-            self._queue.append((dst, src, zlib.crc32(src.numpy())))
-            self._issued += 1
-            self._changed.notify_all()
-
-    def record(self, device) -> _FakeEvent:
-        with self._changed:
-            return _FakeEvent(self, self._issued)
-
-    def wait_for(self, issued: int) -> None:
-        with self._changed:
-            self._changed.wait_for(lambda: self._done >= issued)
-            if self._error is not None:
-                raise self._error
-
-    def finish(self) -> None:
-        self.wait_for(self._issued)
-
-    def close(self) -> None:
-        with self._changed:
-            self._closing = True
-            self._changed.notify_all()
-        self._thread.join()
-
-    def _run(self) -> None:
-        b = self._backend
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._queue or self._closing)
-                if not self._queue:
-                    return
-                dst, src, digest = self._queue.pop(0)
-            start = time.perf_counter()
-            try:
-                if self._error is None:  # a failed copy poisons the rest, as a CUDA error does
-                    time.sleep(b._random.uniform(*b.delay))
-                    b.copies += 1
-                    if b.on_copy is not None:
-                        b.on_copy(b.copies)
-                    if b.copies == b.fail_copy:
-                        raise RuntimeError(f"fake device: copy {b.copies} failed")
-                    if zlib.crc32(src.numpy()) != digest:
-                        b.early_refills += 1
-                    dst.copy_(src)
-            except BaseException as e:  # noqa: BLE001 - handed to whoever waits, as a device error is
-                traceback.clear_frames(e.__traceback__)  # no buffer kept alive by a stored error
-                self._error = e
-            with b._lock:
-                b.in_flight -= src.numel()
-                b.copy_seconds += time.perf_counter() - start
-            del dst, src
-            with self._changed:
-                self._done += 1
-                self._changed.notify_all()
 
 
 _BACKENDS = {"cuda": CudaBackend(), "mps": MpsBackend()}
@@ -289,53 +260,36 @@ def backend_for(device_type: str):
     return _BACKENDS.get(device_type)
 
 
-# ---- the plan ----------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Block:
-    """One device allocation: a slab of packed storages, or one large storage (at offset 0)."""
-
-    device: torch.device
-    nbytes: int = 0
-    members: dict = field(default_factory=dict)  # key -> offset
-    tensor: torch.Tensor | None = None
-
-
-@dataclass(eq=False)
-class _Chunk:
-    """What one ring buffer carries to the device in one copy."""
-
-    block: _Block
-    block_offset: int
-    nbytes: int
-    ranges: list  # (file offset, length, buffer offset)
-    names: list  # packed: the whole records read; large: [the record this is part of]
-    part_of: int | None = None  # large: the record's size (its CRC is combined over chunks)
-
-
-def _could_stage(map_location, data_pickle: bytes) -> bool:
-    """A cheap test before the scan (0.1 s for 100k storages): could any target be a staged device?
-    Targets are map_location's strings or the file's own location tags, which data.pkl holds as text."""
+def staging_types() -> set[str]:
+    """The device types a load can stage to here (a backend whose device is present, or overridden)."""
     override = _override.get()
-    if override is None and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
-        return False  # nothing to stage to (torch's own path says so for a device-tagged file)
-    types = set(_BACKENDS) | ({override.device_type} if override is not None else set())
-    if isinstance(map_location, (str, torch.device)):
-        targets = [str(map_location)]
-    else:
-        targets = [str(t) for t in map_location.values()] if isinstance(map_location, dict) else []
-        targets += [t for t in types if t.encode() in data_pickle]  # tags the file may carry
-    return any(t.split(":")[0] in types for t in targets)
+    types = {t for t, backend in _BACKENDS.items() if backend.available()}
+    return types | {override.device_type} if override is not None else types
 
 
-def _torch_deserializers_only() -> bool:
-    """Staging replaces torch's restore step; a deserializer registered by others could claim any tag."""
-    registry = torch.serialization._package_registry
-    return all(getattr(fn, "func", fn).__module__ == "torch.serialization" for _, _, fn in registry)  # some are partials
+def release_host_buffers() -> None:
+    """Frees the idle staging buffers the backends keep between loads (256 MiB pinned for CUDA)."""
+    for backend in _BACKENDS.values():
+        backend.ring.clear()
 
 
-def _slot_bytes(staging_bytes: int) -> int:
+def staging_device(target: str):
+    """(backend, device) when storages bound for `target` (a plan's target string) are staged here,
+    else None (torch's per-storage path restores them, and raises its message for a bad target)."""
+    kind = target.split(":", 1)[0]
+    if kind not in staging_types():
+        return None
+    try:
+        device = torch.device(target)
+    except RuntimeError:
+        return None
+    backend = backend_for(device.type)
+    resolved = backend.device(device) if backend is not None else None
+    return (backend, resolved) if resolved is not None else None
+
+
+def slot_bytes(staging_bytes: int) -> int:
+    """The size of each of the SLOTS ring buffers that `staging_bytes` allows."""
     # A power of two: torch's pinned allocator rounds sizes up to one, which would break the bound.
     return 1 << ((staging_bytes // SLOTS).bit_length() - 1)
 
@@ -348,83 +302,59 @@ def check_staging_bytes(staging_bytes) -> int:
     return staging_bytes
 
 
-def plan_staging(archive, data_pickle: bytes, map_location, plan, *, staging_bytes: int, check_crc: bool,
-                 threads: int):
-    """A Stager for the storages whose target (in `plan`) is a device with a backend, marked staged
-    in the plan, or None when there are none.
-
-    A callable map_location, a deserializer registered outside torch, or a pickle the scan refuses
-    (the real unpickling then raises its error) leave every storage to torch's per-storage path.
-    """
-    if plan.target("cpu") is None or not _could_stage(map_location, data_pickle):
-        return None
-    if not _torch_deserializers_only():
-        return None
-    try:
-        refs = _native.scan_storages(data_pickle)
-    except (RuntimeError, ValueError):  # CheckpointError subclasses: the real unpickling says why
-        return None
-    staged = []
-    for key, location in refs:
-        try:
-            target = torch.device(plan.target(location))
-        except RuntimeError:
-            continue  # not a device string: torch's path raises its message
-        backend = backend_for(target.type)
-        device = backend.device(target) if backend is not None else None
-        name = f"data/{key}"
-        if device is None or name not in archive:
-            continue
-        record = archive.record(name)
-        if record.method == _native.Method.stored:  # deflated records are inflated on the host first
-            staged.append((key, record, backend, device))
-    if not staged:
-        return None
-    backends = {b for _, _, b, _ in staged}
-    if len(backends) != 1:  # one target type per load in practice (cuda, or mps)
-        return None
-    for key, _, _, _ in staged:
-        plan.stage(key)
-    return Stager(archive, staged, backends.pop(), staging_bytes=staging_bytes, check_crc=check_crc, threads=threads)
+# ---- what each ring buffer carries ----------------------------------------------------------------
 
 
-def _plan_chunks(staged, slot_bytes: int):
-    """Blocks per key and chunks in file order; packed storages share a block and a chunk."""
-    blocks: dict[str, _Block] = {}
+@dataclass(eq=False)
+class _Piece:
+    key: str
+    record: object  # the storage's zip record
+    start: int  # where in the record this piece starts
+    nbytes: int
+    at: int  # where in the ring buffer it lands
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """What one ring buffer carries to one device: whole storages and pieces of large ones."""
+
+    device: torch.device
+    nbytes: int = 0
+    pieces: list | None = None
+
+
+def _chunks(staged, slot_bytes: int) -> list:
+    """Ring-buffer loads in file order: consecutive storages share a buffer; a storage that fits
+    one buffer is never split, a larger one fills buffers in pieces."""
     chunks: list[_Chunk] = []
-    open_pack: dict[torch.device, _Chunk] = {}
-    pack_limit = min(PACK_BYTES, slot_bytes)
-    for key, record, _, device in sorted(staged, key=lambda s: s[1].data_offset):
-        size, name = record.size, record.name
-        if size <= pack_limit:
-            chunk = open_pack.get(device)
-            at = -(-chunk.nbytes // _PACK_ALIGN) * _PACK_ALIGN if chunk is not None else 0
-            if chunk is None or at + size > slot_bytes:
-                chunk = _Chunk(_Block(device), 0, 0, [], [])
-                open_pack[device] = chunk
+    open_chunk: dict[torch.device, _Chunk] = {}
+    for key, record, device in sorted(staged, key=lambda s: s[1].data_offset):
+        size, start = record.size, 0
+        while start < size:
+            chunk = open_chunk.get(device)
+            at = -(-chunk.nbytes // _ALIGN) * _ALIGN if chunk is not None else slot_bytes
+            room = slot_bytes - at
+            if room <= 0 or (size - start > room and (size - start <= slot_bytes or room < min(_MIN_PIECE, slot_bytes // 8))):
+                chunk = open_chunk[device] = _Chunk(device, 0, [])
                 chunks.append(chunk)
-                at = 0
-            chunk.block.members[key] = at
-            chunk.nbytes = chunk.block.nbytes = at + size
-            if size:
-                chunk.ranges.append((record.data_offset, size, at))
-                chunk.names.append(name)
-            blocks[key] = chunk.block
-        else:
-            block = _Block(device, size, {key: 0})
-            blocks[key] = block
-            for start in range(0, size, slot_bytes):
-                n = min(slot_bytes, size - start)
-                chunks.append(_Chunk(block, start, n, [(record.data_offset + start, n, 0)], [name], size))
-    return blocks, [c for c in chunks if c.nbytes]
+                at, room = 0, slot_bytes
+            n = min(room, size - start)
+            chunk.pieces.append(_Piece(key, record, start, n, at))
+            chunk.nbytes = at + n
+            start += n
+    return chunks
+
+
+# ---- the stager ---------------------------------------------------------------------------------
 
 
 class Stager:
     """Reads and copies the planned storages on a thread of its own while the load unpickles.
 
+    `staged`: (key, zip record, device) for each storage the plan sends to a device of `backend`.
     Use as a context manager around the unpickling, and call ``finish()`` at its end: leaving the
     block any other way (an error, Ctrl-C) stops the thread, waits until no copy runs and releases
-    every buffer. Requires the GIL for every method.
+    every buffer and device block it holds. Requires the GIL for every method.
     """
 
     def __init__(self, archive, staged, backend, *, staging_bytes: int, check_crc: bool, threads: int):
@@ -432,32 +362,47 @@ class Stager:
         self._backend = backend
         self._check_crc = check_crc
         self._threads = threads
-        self._blocks, self._chunks = _plan_chunks(staged, _slot_bytes(staging_bytes))
-        self._devices = sorted({d for _, _, _, d in staged}, key=str)
-        self._slot_bytes = max((c.nbytes for c in self._chunks), default=0)
-        self._lock = threading.Lock()  # block allocation: the unpickling and the stager both ask
+        self._device = {key: device for key, _, device in staged}
+        self._size = {key: record.size for key, record, _ in staged}
+        self._limit = slot_bytes(staging_bytes)
+        self._chunks = _chunks(staged, self._limit)
+        need = max((c.nbytes for c in self._chunks), default=0)
+        self._buffer_bytes = 1 << (need - 1).bit_length() if need else 0  # a power of two, as slot_bytes
+        self._devices = sorted({d for _, _, d in staged}, key=str)
+        self._lock = threading.Lock()  # device allocation: the unpickling and the stager both ask
+        self._tensors: dict[str, torch.Tensor] = {}
         self._cancel = threading.Event()
+        self._failed = threading.Event()
+        self._stopped = threading.Event()  # the stager thread's last act (see _wait)
         self._error: BaseException | None = None
-        self._buffers: list = []  # (tensor, numpy view), allocated as the ring first needs them
-        self._events: list = []
+        self._buffers: list = [None] * min(SLOTS, len(self._chunks))  # (tensor, numpy view)
+        self._buffers_ready = threading.Condition()
+        self._events: list = [None] * len(self._buffers)
         self._partial: dict[str, tuple[int, int]] = {}  # large record -> (CRC so far, bytes so far)
         self._session = None
         self._thread: threading.Thread | None = None
+        self._ring_done = True
+        self._ring_error: BaseException | None = None
+        self._ring_stopped = threading.Event()
+        self._ring_stopped.set()
+        self._ring_thread: threading.Thread | None = None
 
     def storage(self, key: str, nbytes: int) -> torch.UntypedStorage:
-        """The device storage of `key` (its size checked by the plan), its bytes still arriving until finish()."""
-        block = self._blocks[key]
-        whole = self._tensor(block).untyped_storage()
-        if len(block.members) == 1 and block.nbytes == nbytes:
-            return whole
-        offset = block.members[key]
-        return whole[offset : offset + nbytes]  # a view that keeps the slab alive
+        """The device storage of `key` (its size checked by the plan), its bytes still arriving until
+        finish(). Raises the stager's error at once once it failed: nothing more is allocated."""
+        if self._failed.is_set():
+            self._wait(self._stopped)
+            self._raise_error()
+        if nbytes == 0:  # not cached by the load (data pointer 0), as torch's empty storages are not
+            return self._session.empty(self._device[key], 0).untyped_storage()
+        return self._tensor(key).untyped_storage()
 
-    def _tensor(self, block: _Block) -> torch.Tensor:
+    def _tensor(self, key: str) -> torch.Tensor:
         with self._lock:
-            if block.tensor is None:
-                block.tensor = self._session.empty(block.device, block.nbytes)
-            return block.tensor
+            tensor = self._tensors.get(key)
+            if tensor is None:
+                tensor = self._tensors[key] = self._session.empty(self._device[key], self._size[key])
+            return tensor
 
     def __enter__(self):
         self._session = self._backend.session(self._devices)
@@ -465,63 +410,143 @@ class Stager:
         self._thread.start()
         return self
 
+    def _take_buffers(self) -> None:
+        """Takes the ring's buffers after the first (allocated while the first is read into)."""
+        try:
+            for slot in range(1, len(self._buffers)):
+                if self._cancel.is_set():
+                    return
+                buffer = self._backend.ring.take(self._buffer_bytes, self._limit)
+                with self._buffers_ready:
+                    self._buffers[slot] = buffer
+                    self._buffers_ready.notify_all()
+        except BaseException as e:  # noqa: BLE001 - raised by the stager when it needs the buffer
+            self._ring_error = e.with_traceback(None)
+        finally:
+            with self._buffers_ready:
+                self._ring_done = True
+                self._buffers_ready.notify_all()
+            self._ring_stopped.set()
+
+    def _buffer(self, slot: int):
+        if slot == 0 and self._buffers[0] is None:
+            self._buffers[0] = self._backend.ring.take(self._buffer_bytes, self._limit)
+            if len(self._buffers) > 1:
+                self._ring_done = False
+                self._ring_stopped.clear()
+                self._ring_thread = threading.Thread(target=self._take_buffers, name="fastckpt-ring", daemon=True)
+                self._ring_thread.start()
+        with self._buffers_ready:
+            self._buffers_ready.wait_for(lambda: self._buffers[slot] is not None or self._ring_done)
+        if self._buffers[slot] is None:
+            error, self._ring_error = self._ring_error, None  # kept by no one but the raise: no cycle
+            raise error or RuntimeError("staging buffers could not be allocated")
+        return self._buffers[slot]
+
     def _run(self) -> None:
         try:
             for i, chunk in enumerate(self._chunks):
                 if self._cancel.is_set():
                     return
-                slot = i % SLOTS
-                if slot == len(self._buffers):
-                    buffer = self._session.host_buffer(self._slot_bytes)
-                    self._buffers.append((buffer, buffer.numpy()))
-                    self._events.append(None)
-                elif self._events[slot] is not None:
+                slot = i % len(self._buffers)
+                buffer, view = self._buffer(slot)
+                if self._events[slot] is not None:
                     self._events[slot].synchronize()  # its last copy has finished: refill it
-                buffer, view = self._buffers[slot]
-                crcs = self._archive.read_ranges(view, chunk.ranges, self._check_crc, self._threads)
+                ranges = [(p.record.data_offset + p.start, p.nbytes, p.at) for p in chunk.pieces]
+                crcs = self._archive.read_ranges(view, ranges, self._check_crc, self._threads)
                 if self._check_crc:
                     self._check(chunk, crcs)
-                dst = self._tensor(chunk.block)[chunk.block_offset : chunk.block_offset + chunk.nbytes]
-                self._session.copy(dst, buffer[: chunk.nbytes])
-                self._events[slot] = self._session.record(chunk.block.device)
+                if self._cancel.is_set():
+                    return
+                pieces = [(self._tensor(p.key)[p.start : p.start + p.nbytes], p.at, p.nbytes) for p in chunk.pieces]
+                self._session.copy(chunk.device, buffer, pieces)
+                self._events[slot] = self._session.record(chunk.device)
             for event in self._events:
-                event.synchronize()
-        except BaseException as e:  # noqa: BLE001 - re-raised by finish() on the loading thread
+                if event is not None:
+                    event.synchronize()
+        except BaseException as e:  # noqa: BLE001 - raised on the loading thread by storage() or finish()
             self._error = e
+            self._failed.set()
+        finally:
+            self._stopped.set()
 
     def _check(self, chunk: _Chunk, crcs) -> None:
-        if chunk.part_of is None:
-            self._archive.check_crcs(chunk.names, crcs)
-            return
-        name, (crc, length) = chunk.names[0], (crcs[0], chunk.nbytes)
-        if name in self._partial:
-            before, done = self._partial.pop(name)
-            crc, length = _native.crc32_combine(before, crc, length), done + length
-        if length == chunk.part_of:
-            self._archive.check_crcs([name], [crc])
-        else:
-            self._partial[name] = (crc, length)
+        names, whole = [], []
+        for piece, crc in zip(chunk.pieces, crcs):
+            name = piece.record.name
+            if piece.nbytes == piece.record.size:
+                names.append(name)
+                whole.append(crc)
+                continue
+            if name in self._partial:
+                before, done = self._partial.pop(name)
+                crc, length = _native.crc32_combine(before, crc, piece.nbytes), done + piece.nbytes
+            else:
+                length = piece.nbytes
+            if length == piece.record.size:
+                names.append(name)
+                whole.append(crc)
+            else:
+                self._partial[name] = (crc, length)
+        if names:
+            self._archive.check_crcs(names, whole)
+
+    @staticmethod
+    def _wait(stopped: threading.Event) -> None:
+        # Timed, so a KeyboardInterrupt reaches the loading thread meanwhile; not Thread.join, which
+        # an interrupt can leave believing a running thread stopped (CPython 3.11).
+        while not stopped.wait(0.1):
+            pass
 
     def finish(self) -> None:
         """Waits for every read and copy; raises the first failure (IntegrityError for a CRC)."""
-        while self._thread.is_alive():
-            self._thread.join(0.1)  # timed: a KeyboardInterrupt reaches this thread meanwhile
-        if self._error is not None:
-            error, self._error = self._error, None
-            traceback.clear_frames(error.__traceback__)  # its frames would keep ring buffers alive
-            raise error
+        self._wait(self._stopped)
+        self._raise_error()
         self._session.finish()
+
+    def _raise_error(self) -> None:
+        """Raises the stager's error, if any, without a reference cycle: the frames it was raised in
+        drop their locals (ring buffers, device blocks) and no frame keeps the error it raises (its
+        callers bind none), so a failed load's memory is freed without a garbage collection."""
+        error, self._error = self._error, None
+        if error is None:
+            return
+        traceback.clear_frames(error.__traceback__)
+        try:
+            raise error
+        finally:
+            del error
 
     def __exit__(self, kind, error, tb):
         self._cancel.set()
+        interrupted = False
+        # Nothing may be freed while the threads run or a copy may: a second Ctrl-C waits too.
+        for stopped in (self._stopped, self._ring_stopped):
+            while True:
+                try:
+                    self._wait(stopped)
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True
+        self._thread.join()
+        if self._ring_thread is not None:
+            self._ring_thread.join()
+        self._error = None  # an error nobody raised: its frames would keep buffers alive
+        buffers = [b for b in self._buffers if b is not None]
+        self._buffers = []
+        self._events = []
+        clean = False
         try:
-            while self._thread.is_alive():
-                self._thread.join(0.1)
-            self._error = None  # an error nobody raised: its frames would keep buffers alive
+            while not clean:
+                try:
+                    self._session.close()  # no copy runs past here (idempotent: retried after a Ctrl-C)
+                    clean = True
+                except KeyboardInterrupt:
+                    interrupted = True
         finally:
-            self._session.close()  # no copy runs past here, so buffers and blocks may go
-            self._buffers.clear()
-            self._events.clear()
-            if kind is not None:
-                for block in self._blocks.values():
-                    block.tensor = None
+            self._tensors = {}  # the result holds what it uses; a failed load frees its blocks here
+            if clean:
+                self._backend.ring.give(buffers)
+            # else (a device error): a copy may still read them; they are dropped, not reused
+        if interrupted and kind is None:
+            raise KeyboardInterrupt

@@ -16,7 +16,7 @@ import torch
 from fastckpt import _native, devices
 from fastckpt._native import StoragePlan
 from fastckpt._policy import FullContext, WeightsOnlyContext, make_full_unpickler, resolve_weights_only
-from fastckpt._storages import Storages, default_deserializers_first, native_byteorder_differs
+from fastckpt._storages import Storages, native_byteorder_differs, torch_deserializers_first
 from fastckpt.archive import (
     byteorder_record,
     check_storage_alignment,
@@ -165,22 +165,30 @@ def _native_full_pickle(pickle_module, pickle_load_args, data_pickle: bytes) -> 
     )
 
 
-def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, staging_bytes):
+def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, staging_bytes, keep_on_cpu=frozenset()):
     """Where every storage's bytes come from and where they go, decided once before the pickle runs:
-    (the started plan, whether bytes are swapped, the device stager or None)."""
+    (the started plan, whether bytes are swapped, the device stager or None). Storages whose keys
+    are in `keep_on_cpu` stay CPU storages over the archive's bytes whatever map_location says
+    (a distributed load's storages that this rank did not ask for)."""
     byteswap = native_byteorder_differs(_byteorder(archive))
     if torch.serialization._is_meta_location(map_location):
         mode = StoragePlan.Mode.meta
     else:
         mode = StoragePlan.Mode.mapped if mmap else StoragePlan.Mode.arena
     targets = str(map_location) if isinstance(map_location, torch.device) else map_location
-    # Swapped bytes, or a deserializer registered ahead of torch's, leave every storage to Python.
-    plan = StoragePlan(archive, mode, targets, native_cpu=not byteswap and default_deserializers_first())
+    # Storages are made natively (on the CPU or staged to a device) only from bytes as saved, and only
+    # where torch's own deserializers would restore them.
+    native = not byteswap and torch_deserializers_first()
+    plan = StoragePlan(archive, mode, targets, native_cpu=native)
     stager = None
     if mode != StoragePlan.Mode.meta:
-        if not byteswap:  # swapped bytes are fixed on the host, by torch's path
-            stager = devices.plan_staging(archive, data_pickle, map_location, plan, staging_bytes=staging_bytes,
-                                          check_crc=verify is not False, threads=threads)
+        staged = [s for s in _device_storages(archive, data_pickle, plan) if s[0] not in keep_on_cpu] if native else []
+        if staged:
+            backend = staged[0][3]
+            for key, _, _, _ in staged:
+                plan.stage(key)
+            stager = devices.Stager(archive, [(k, r, d) for k, r, d, _ in staged], backend,
+                                    staging_bytes=staging_bytes, check_crc=verify is not False, threads=threads)
         check_crc = verify if mmap else verify is not False
         for key in plan.deflated_keys():  # a re-zipped checkpoint: inflated under a cap, CRC-checked
             plan.adopt(key, read_record(archive, f"data/{key}", check_crc))
@@ -188,14 +196,46 @@ def _plan(archive, data_pickle: bytes, map_location, *, mmap, verify, threads, s
     return plan, byteswap, stager
 
 
+def _device_storages(archive, data_pickle: bytes, plan) -> list:
+    """(key, record, device, backend) for each stored storage the plan sends to a device it can stage
+    to here; [] when none (or several device types: one backend per load), so torch's path runs."""
+    named = plan.named_targets()
+    types = devices.staging_types()
+    if named is None or not types:
+        return []  # a callable map_location decides per storage; or no device to stage to
+    # Before the scan that says which storage goes where (0.5 s for 100k storages): could any? A
+    # target map_location names, or a device tag it keeps, which data.pkl then holds as text.
+    if not any(t.split(":", 1)[0] in types for t in named) and not any(
+        plan.target(t) == t and t.encode() in data_pickle for t in types
+    ):
+        return []
+    try:
+        refs = _native.scan_storages(data_pickle)
+    except (RuntimeError, ValueError):  # CheckpointError subclasses: the real unpickling says why
+        return []
+    staged, resolved = [], {}
+    for key, location in refs:
+        target = plan.target(location)
+        if target not in resolved:  # a few distinct targets among up to ~100k storages
+            resolved[target] = devices.staging_device(target)
+        where = resolved[target]
+        name = f"data/{key}"
+        if where is None or name not in archive:
+            continue
+        record = archive.record(name)
+        if record.method == _native.Method.stored:  # deflated records are inflated on the host first
+            staged.append((key, record, where[1], where[0]))
+    return staged if len({b for _, _, _, b in staged}) == 1 else []
+
+
 def _load_archive(archive, map_location, pickle_module, *, weights_only, mmap, verify, threads, pickle_load_args,
-                  staging_bytes=devices.DEFAULT_STAGING_BYTES):
+                  staging_bytes=devices.DEFAULT_STAGING_BYTES, keep_on_cpu=frozenset()):
     check_version(archive)
     check_storage_alignment(archive)
     data_pickle = read_data_pickle(archive)  # CRC-checked
     plan, byteswap, stager = _plan(archive, data_pickle, map_location, mmap=mmap, verify=verify, threads=threads,
-                                   staging_bytes=staging_bytes)
-    storages = Storages(plan, map_location, byteswap=byteswap, stager=stager)
+                                   staging_bytes=staging_bytes, keep_on_cpu=keep_on_cpu)
+    storages = Storages(plan, map_location, byteswap=byteswap, stager=stager, keep_on_cpu=keep_on_cpu)
 
     tls = torch.serialization._serialization_tls
     tls.map_location = map_location

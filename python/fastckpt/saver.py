@@ -257,13 +257,13 @@ class AsyncSaver:
             events = []
             if staged:
                 session = backend.session(sorted({s.device for s, _ in staged.values()}, key=str))
-                arena = self._arena(backend, staged_total, session.host_buffer)
+                arena = self._arena(backend, staged_total, lambda n: backend.ring.take(n, n)[0])
                 arenas.append((backend, arena))
                 at = 0
                 for key, (storage, _) in staged.items():
                     n = staged_bytes[key]
                     if n:
-                        session.copy(arena[at : at + n], writer.uint8_view(storage))
+                        session.to_host(storage.device, arena, [(writer.uint8_view(storage), at, n)])
                         events.append(session.record(storage.device))
                     sources[key] = ((arena.data_ptr() + at, n),)
                     at += _aligned(n)

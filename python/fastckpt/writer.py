@@ -229,7 +229,7 @@ def _stream_to_file(fd: int, path: str, pickled: Pickled, staged: dict, staging_
     if not staged:
         return {}
     where = pickled.data_offsets()
-    slot_bytes = 1 << ((staging_bytes // devices.SLOTS).bit_length() - 1)  # torch's pinned allocator rounds up to 2^k
+    slot_bytes = devices.slot_bytes(staging_bytes)
     sources = {}
     by_backend: dict = {}
     for key, (storage, backend) in staged.items():
@@ -261,18 +261,20 @@ def _stream_ring(fd, path, backend, items, where, slot_bytes, compute_crc32, thr
     if parts:
         chunks.append(parts)
     session = backend.session(sorted({s.device for _, s in items}, key=str))
-    buffers, events = [], []
+    buffers, events = [], []  # the backend's ring buffers (shared with loads), an event list per buffer
     crcs: dict = {}  # key -> (CRC so far, bytes so far, first bytes)
     try:
         def issue(i):
             slot = i % devices.SLOTS
             if slot == len(buffers):
-                buffers.append(session.host_buffer(slot_bytes))
+                buffers.append(backend.ring.take(slot_bytes, slot_bytes))
                 events.append(None)
-            buffer = buffers[slot]
+            by_device: dict = {}
             for _, view, _, n, at in chunks[i]:
-                session.copy(buffer[at : at + n], view)
-            events[slot] = [session.record(d) for d in {view.device for _, view, _, _, _ in chunks[i]}]
+                by_device.setdefault(view.device, []).append((view, at, n))
+            for device, pieces in by_device.items():
+                session.to_host(device, buffers[slot][0], pieces)
+            events[slot] = [session.record(d) for d in by_device]
 
         for i in range(min(devices.SLOTS, len(chunks))):
             issue(i)
@@ -280,21 +282,21 @@ def _stream_ring(fd, path, backend, items, where, slot_bytes, compute_crc32, thr
             slot = i % devices.SLOTS
             for event in events[slot]:
                 event.synchronize()
-            buffer = buffers[slot]
+            buffer, view = buffers[slot]
             base = buffer.data_ptr()
             pieces = [(where[key] + start, base + at, n) for key, _, start, n, at in chunk]
             written = _native.write_pieces(fd, pieces, compute_crc32, threads or 0, path)
             for (key, _, start, n, at), crc in zip(chunk, written):
                 if start == 0:
-                    crcs[key] = (crc, n, bytes(buffer[at : at + min(n, 8)].numpy()))
+                    crcs[key] = (crc, n, view[at : at + min(n, 8)].tobytes())
                 else:
                     before, done, lead = crcs[key]
                     crcs[key] = (_native.crc32_combine(before, crc, n), done + n, lead)
             if i + devices.SLOTS < len(chunks):
                 issue(i + devices.SLOTS)
     finally:
-        session.close()
-        buffers.clear()
+        session.close()  # no copy into the buffers runs past here
+        backend.ring.give(buffers)
     for key, (crc, done, lead) in crcs.items():
         sources[key] = (lead, crc, done)
     return sources
