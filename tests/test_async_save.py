@@ -323,6 +323,35 @@ def test_atexit_prints_a_failure(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_forked_child_does_not_wait_for_the_parents_writes(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = writer.write_to_path
+    monkeypatch.setattr(writer, "write_to_path", lambda *a, **k: (gate.wait(60), real(*a, **k)))
+    with fastckpt.AsyncSaver() as s:
+        pending = s.save(state(0), tmp_path / "p.pt")
+        pid = os.fork()
+        if pid == 0:  # the parent's write is not this process's: exit (atexit included) without waiting
+            code = 1
+            try:
+                gate.set()  # this process's copy: its own writes go through
+                s.save({"child": 1}, tmp_path / "child.pt").result()
+                s.wait()
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child waited for its parent's write")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert not pending.done()
+        gate.set()
+    assert fc_load(tmp_path / "p.pt")["step"] == 0 and fc_load(tmp_path / "child.pt") == {"child": 1}
+
+
 def test_sigkill_during_background_writes_never_tears(tmp_path):
     p = tmp_path / "k.pt"
     versions = [{"version": v, "w": random_bytes(16 << 20, v)} for v in (0, 1)]

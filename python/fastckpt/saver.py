@@ -355,6 +355,14 @@ class AsyncSaver:
         writer.write_to_path(job.handle.path, job.pickled, job.records, job.threads, atomic=job.atomic,
                              fsync=job.fsync)
 
+    def _reset_after_fork(self) -> None:
+        self._lock = threading.Condition()
+        self._snapshot_lock = threading.Lock()
+        self._queue.clear()
+        self._in_flight = 0
+        self._thread = None
+        self._unreported.clear()
+
     def _finish_at_exit(self) -> None:
         """Completes pending writes and prints failures no one reported to stderr."""
         try:
@@ -403,4 +411,15 @@ def default_saver() -> AsyncSaver:
 def _complete_pending_saves() -> None:
     for saver in list(_SAVERS):
         saver._finish_at_exit()
+
+
+def _forget_parent_writes() -> None:
+    """In a forked child: the parent's pending writes are the parent's (its writer thread is not
+    here), and a lock its thread held stays held here: each saver starts afresh, empty."""
+    for saver in list(_SAVERS):
+        saver._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_writes)
 
