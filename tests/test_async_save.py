@@ -274,6 +274,11 @@ def test_memory_limit_checked_before_copying(tmp_path, monkeypatch):
     with pytest.raises(LimitError, match="1000 bytes available"):
         s.save(state(0), tmp_path / "big.pt")
     assert s.staging_allocations == 0 and os.listdir(tmp_path) == []
+    monkeypatch.setattr(saver_module, "_available_memory", lambda: None)
+    s.save(state(0), tmp_path / "big.pt").result()
+    monkeypatch.setattr(saver_module, "_available_memory", lambda: 1000)
+    s.save(state(1), tmp_path / "big.pt").result()  # needs no new memory: the staging it keeps
+    assert s.staging_allocations == 1 and fc_load(tmp_path / "big.pt")["step"] == 1
     s.close()
 
 

@@ -286,9 +286,9 @@ class AsyncSaver:
         if self.max_staging_bytes is not None and needed > self.max_staging_bytes:
             raise LimitError(f"a background save needs {needed} bytes of staging memory, more than this saver's "
                              f"max_staging_bytes={self.max_staging_bytes}; nothing was written")
-        with self._lock:
-            reusable = sum(t.numel() for b, t in self._free if (b is None and t.numel() >= cpu_total) or
-                           (b is backend and b is not None and t.numel() >= staged_total))
+        with self._lock:  # buffers kept from earlier saves that _arena will hand out again
+            reusable = sum(total for kind, total in ((None, cpu_total), (backend, staged_total))
+                           if total and any(b is kind and t.numel() >= total for b, t in self._free))
         available = _available_memory()
         if available is not None and needed - reusable > available:
             raise LimitError(f"a background save needs {needed} bytes of staging memory ({needed - reusable} new), "
