@@ -165,7 +165,7 @@ def report(case: str, r: dict) -> list[str]:
         f"  memcpy floor        {bg['memcpy']:.3f} s (with CRC {bg['memcpy_crc']:.3f} s)   "
         f"stall / floor {later_stall / bg['memcpy']:.2f}   stall / torch.save {later_stall / torch_r['later']:.2f}",
         f"  peak RSS            {rss[0]:.0f} MiB after the first checkpoint, {rss[-1]:.0f} MiB after "
-        f"{len(rss)}; / (state + staging) {rss[-1] / (bg['rss_before_mb'] + state_mb):.2f}   "
+        f"{len(rss)}; / (RSS with the state + its staging) {rss[-1] / (bg['rss_before_mb'] + state_mb):.2f}   "
         f"staging allocations {bg['staging_allocations']}",
         f"  loop                {bg['loop_with']:.2f} s with checkpoints, {bg['loop_without']:.2f} s without: "
         f"{bg['loop_with'] / bg['loop_without']:.3f}x",
