@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bindings/common.h"
+#include "core/copy_engine.h"
 #include "core/zip_writer.h"
 
 namespace fastckpt::bindings {
@@ -21,26 +22,40 @@ struct Sources {
   std::vector<std::unique_ptr<BorrowedBuffer>> buffers;
 };
 
-// Each record is (name, data): data is a bytes-like object, or an
-// (address, nbytes) pair for memory the caller keeps alive and unchanged for
-// the whole call (a torch storage's data_ptr() and nbytes()).
+// Each record is (name, data[, crc[, size]]): data is a bytes-like object, or
+// an (address, nbytes) pair for memory the caller keeps alive and unchanged
+// for the whole call (a torch storage's data_ptr() and nbytes()). `crc`, when
+// given and not None, is the bytes' CRC-32, taken as it is. `size`, when
+// given, says the record's `size` bytes are in the file already (written by
+// write_pieces) and `data` holds their first min(size, 8) bytes.
 Sources gather(const py::list& records) {
   Sources s;
   s.records.reserve(records.size());
   for (py::handle item : records) {
-    auto pair = item.cast<py::tuple>();
-    if (pair.size() != 2) throw py::value_error("a record is a (name, data) pair");
-    auto name = pair[0].cast<std::string>();
-    py::handle data = pair[1];
+    auto fields = item.cast<py::tuple>();
+    if (fields.size() < 2 || fields.size() > 4) throw py::value_error("a record is a (name, data[, crc[, size]]) tuple");
+    ZipSource source{fields[0].cast<std::string>(), nullptr, 0};
+    py::handle data = fields[1];
     if (py::isinstance<py::tuple>(data)) {
       auto raw = data.cast<std::pair<uintptr_t, uint64_t>>();
       // SAFETY: the caller vouches for [address, address + nbytes) (see above).
-      s.records.push_back({std::move(name), reinterpret_cast<const uint8_t*>(raw.first), raw.second});
+      source.data = reinterpret_cast<const uint8_t*>(raw.first);
+      source.size = raw.second;
     } else {
       s.buffers.push_back(std::make_unique<BorrowedBuffer>(data, /*writable=*/false));
       const BorrowedBuffer& b = *s.buffers.back();
-      s.records.push_back({std::move(name), b.data(), b.size()});
+      source.data = b.data();
+      source.size = b.size();
     }
+    if (fields.size() >= 3 && !fields[2].is_none()) source.crc = fields[2].cast<uint32_t>();
+    if (fields.size() == 4) {
+      const auto size = fields[3].cast<uint64_t>();
+      if (source.size != std::min<uint64_t>(size, 8))
+        throw py::value_error("record '" + source.name + "' in the file: data must hold its first min(size, 8) bytes");
+      source.size = size;
+      source.in_file = true;
+    }
+    s.records.push_back(std::move(source));
   }
   return s;
 }
@@ -94,6 +109,65 @@ void register_writer(py::module_& m) {
       "Moves `temporary` over `target` atomically, by exchange then unlink where the target exists "
       "(see core/zip_writer.h). Releases the GIL.");
   m.def(
+      "copy_memory",
+      [](const py::list& copies, bool compute_crc32, unsigned threads) {
+        std::vector<MemoryCopy> tasks;
+        tasks.reserve(copies.size());
+        for (py::handle item : copies) {
+          auto c = item.cast<std::tuple<uintptr_t, uintptr_t, uint64_t>>();
+          // SAFETY: the caller vouches for both ranges (see the docstring).
+          tasks.push_back({reinterpret_cast<uint8_t*>(std::get<0>(c)), reinterpret_cast<const uint8_t*>(std::get<1>(c)),
+                           std::get<2>(c)});
+        }
+        py::gil_scoped_release release;
+        return copy_memory(tasks, compute_crc32, threads);
+      },
+      py::arg("copies"), py::arg("compute_crc32"), py::arg("threads") = 0,
+      "Copies (destination address, source address, nbytes) ranges in parallel, returning each "
+      "destination's CRC-32 (0 without compute_crc32). The caller keeps both ranges valid, the sources "
+      "unchanged and the destinations untouched by others for the call. Releases the GIL.");
+  m.def(
+      "write_pieces",
+      [](int fd, const py::list& pieces, bool compute_crc32, unsigned threads, const std::string& path) {
+        std::vector<FilePiece> tasks;
+        tasks.reserve(pieces.size());
+        for (py::handle item : pieces) {
+          auto p = item.cast<std::tuple<uint64_t, uintptr_t, uint64_t>>();
+          // SAFETY: the caller vouches for the memory (see the docstring).
+          tasks.push_back({std::get<0>(p), reinterpret_cast<const uint8_t*>(std::get<1>(p)), std::get<2>(p)});
+        }
+        std::vector<uint32_t> crcs;
+        int error = 0;
+        {
+          py::gil_scoped_release release;
+          try {
+            crcs = write_pieces(fd, tasks, compute_crc32, threads);
+          } catch (const std::system_error& e) {
+            error = e.code().value();
+          }
+        }
+        if (error != 0) raise_os_error(error, path);
+        return crcs;
+      },
+      py::arg("fd"), py::arg("pieces"), py::arg("compute_crc32"), py::arg("threads") = 0, py::arg("path") = "",
+      "Writes (file offset, address, nbytes) pieces to `fd` with parallel pwrite, returning each piece's "
+      "CRC-32 (0 without compute_crc32); the caller keeps the memory valid and unchanged for the call. "
+      "`path` names the file in an OSError. Releases the GIL.");
+  m.def(
+      "zip_data_offsets",
+      [](const std::vector<std::pair<std::string, uint64_t>>& records, std::string prefix, uint64_t alignment) {
+        ZipWriteOptions options;
+        options.prefix = std::move(prefix);
+        options.alignment = alignment;
+        const ZipLayout layout = zip_layout(records, options);
+        std::vector<uint64_t> offsets;
+        offsets.reserve(records.size());
+        for (size_t i = 0; i < records.size(); ++i) offsets.push_back(layout.entries()[i].data_offset);
+        return offsets;
+      },
+      py::arg("records"), py::arg("prefix"), py::arg("alignment"),
+      "Where write_zip puts the data of each (name, size) record, for write_pieces.");
+  m.def(
       "type_dispatch",
       [](py::dict table, py::object default_value) {
         // The state tuple keeps both alive for as long as the callable lives.
@@ -139,7 +213,7 @@ void register_writer(py::module_& m) {
       },
       py::arg("target"), py::arg("records"), py::arg("prefix"), py::arg("alignment"), py::arg("compute_crc32"),
       py::arg("threads") = 0, py::arg("path") = "",
-      "Writes torch.save's archive of `records` (name, data) plus the serialization id: to a file "
+      "Writes torch.save's archive of `records` (name, data[, crc[, size]]) plus the serialization id: to a file "
       "descriptor from offset 0 with parallel pwrite (returns the size), or in order through "
       "target.write(memoryview) (returns 0). `path` names the file in an OSError. Releases the GIL except inside write().");
 }

@@ -322,7 +322,80 @@ class Runner {
   std::vector<std::unique_ptr<uint8_t[]>> scratch_;  // one span buffer per worker
 };
 
+// Copies [offset, offset + length) of `c`, CRC of each step read back from
+// the destination while it is in cache. Returns the CRC (0 when not asked).
+uint32_t copy_range(const MemoryCopy& c, uint64_t offset, uint64_t length, bool compute_crc) {
+  uint32_t crc = 0;
+  const uint64_t step = compute_crc ? kStepBytes : length;
+  for (uint64_t done = 0; done < length; done += step) {
+    const uint64_t n = std::min(step, length - done);
+    // SAFETY: the range lies inside the copy, whose source and destination
+    // hold c.length bytes (the caller's contract).
+    std::memcpy(c.destination + offset + done, c.source + offset + done, static_cast<size_t>(n));
+    if (compute_crc) crc = crc32(crc, c.destination + offset + done, static_cast<size_t>(n));
+  }
+  return crc;
+}
+
 }  // namespace
+
+std::vector<uint32_t> copy_memory(const std::vector<MemoryCopy>& copies, bool compute_crc, unsigned threads) {
+  // Units as run_copies makes them: a chunk of a large copy, or a batch of
+  // consecutive small ones.
+  struct MemoryUnit {
+    size_t first, end;  // copies [first, end)
+    uint64_t offset, length;  // chunk: a byte range of copies[first]; batch: length 0
+  };
+  std::vector<MemoryUnit> units;
+  uint64_t total = 0, batch_bytes = 0;
+  bool batch_open = false;
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const MemoryCopy& c = copies[i];
+    if (c.length == 0) continue;
+    if (c.destination == nullptr || c.source == nullptr)
+      fail(ErrorKind::Record, "copy " + std::to_string(i) + " of " + std::to_string(c.length) + " bytes has no memory");
+    if (!checked_add(total, c.length, &total)) fail(ErrorKind::Limit, "copies of more than 2^64 bytes");
+    if (c.length >= kSmallTaskBytes) {
+      batch_open = false;
+      for (uint64_t off = 0; off < c.length; off += kChunkBytes)
+        units.push_back({i, i + 1, off, std::min(kChunkBytes, c.length - off)});
+      continue;
+    }
+    if (batch_open) {
+      const MemoryUnit& u = units.back();
+      batch_open = u.end - u.first < kBatchTasks && batch_bytes + c.length <= kBatchBytes;
+    }
+    if (!batch_open) {
+      units.push_back({i, i, 0, 0});
+      batch_open = true;
+      batch_bytes = 0;
+    }
+    units.back().end = i + 1;
+    batch_bytes += c.length;
+  }
+  if (threads == 0) threads = default_thread_count();
+  uint64_t workers = std::min<uint64_t>(threads, units.size());
+  workers = std::min(workers, std::max<uint64_t>(1, total / kBytesPerWorker));
+
+  std::vector<uint32_t> crcs(copies.size(), 0);
+  std::vector<uint32_t> chunk_crc(units.size(), 0);
+  run_units(units.size(), static_cast<unsigned>(workers), [&](size_t u, unsigned) {
+    const MemoryUnit& unit = units[u];
+    if (unit.length != 0) {
+      chunk_crc[u] = copy_range(copies[unit.first], unit.offset, unit.length, compute_crc);
+      return;
+    }
+    for (size_t i = unit.first; i < unit.end; ++i)
+      crcs[i] = copy_range(copies[i], 0, copies[i].length, compute_crc);
+  });
+  for (size_t u = 0; u < units.size(); ++u) {
+    const MemoryUnit& unit = units[u];
+    if (unit.length == 0) continue;
+    uint32_t& value = crcs[unit.first];
+    value = unit.offset == 0 ? chunk_crc[u] : crc32_combine(value, chunk_crc[u], unit.length);
+  }
+  return crcs;
+}
 
 std::vector<CopyResult> run_copies(const FileMemory& file, const std::vector<CopyTask>& tasks,
                                    unsigned threads, const TaskDone& on_done) {

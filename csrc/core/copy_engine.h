@@ -38,4 +38,17 @@ using TaskDone = std::function<void(size_t task, uint32_t crc32)>;
 std::vector<CopyResult> run_copies(const FileMemory& file, const std::vector<CopyTask>& tasks,
                                    unsigned threads = 0, const TaskDone& on_done = {});
 
+// One memory-to-memory copy: `length` bytes from `source` to `destination`.
+struct MemoryCopy {
+  uint8_t* destination;
+  const uint8_t* source;
+  uint64_t length;
+};
+
+// Copies every range in parallel (large ones split into chunks over
+// `threads` workers, small ones batched), computing each destination's CRC-32
+// on the way, step by step while the bytes are in cache, when asked (0
+// otherwise). The ranges must be valid and must not overlap a destination.
+std::vector<uint32_t> copy_memory(const std::vector<MemoryCopy>& copies, bool compute_crc, unsigned threads = 0);
+
 }  // namespace fastckpt

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,14 @@ struct ZipSource {
   std::string name;
   const uint8_t* data;  // may be null when size == 0
   uint64_t size;
+  // The CRC-32 of the bytes when the caller has it already (a snapshot copy
+  // computed it): the writer does not read the bytes again for it.
+  std::optional<uint32_t> crc = std::nullopt;
+  // The bytes are in the file already, at this record's data offset (put there
+  // by write_pieces; `crc` is then required): only the header and descriptor
+  // are written, and `data` holds just the first min(size, 8) bytes, which
+  // the serialization id reads.
+  bool in_file = false;
 };
 
 struct ZipWriteOptions {
@@ -72,6 +81,10 @@ class ZipLayout {
   uint64_t total_size_ = 0;
 };
 
+// The layout write_zip_file gives `records` (name, size) and the serialization
+// id after them: where each record's data goes, for write_pieces.
+ZipLayout zip_layout(const std::vector<std::pair<std::string, uint64_t>>& records, const ZipWriteOptions& options);
+
 // The 40 ASCII digits torch writes as .data/serialization_id: a hash_combine of
 // the std::hash of every record name (in std::unordered_set iteration order,
 // as torch keeps them) and a hash_combine of every 32-bit value that torch's
@@ -86,10 +99,22 @@ std::string torch_serialization_id(const std::vector<ZipSource>& records,
 // for an archive the format cannot hold.
 uint64_t write_zip_file(int fd, const std::vector<ZipSource>& records, const ZipWriteOptions& options);
 
+// A piece of record data and the file offset it goes to.
+struct FilePiece {
+  uint64_t offset;
+  const uint8_t* data;
+  uint64_t size;
+};
+
+// Writes every piece at its offset with pwrite(2) in parallel (large pieces
+// split across threads), computing each piece's CRC-32 on the way when asked
+// (0 otherwise). Throws std::system_error on I/O errors.
+std::vector<uint32_t> write_pieces(int fd, const std::vector<FilePiece>& pieces, bool compute_crc32, unsigned threads);
+
 // Same archive, handed in order to `sink` (file objects): CRCs are computed in
 // parallel first, then the bytes are emitted; small pieces are coalesced,
 // large records are passed straight from their source. An exception thrown
-// by `sink` propagates.
+// by `sink` propagates. No record may be `in_file`.
 void stream_zip(const std::vector<ZipSource>& records, const ZipWriteOptions& options,
                 const std::function<void(const uint8_t*, size_t)>& sink);
 
@@ -97,9 +122,9 @@ void stream_zip(const std::vector<ZipSource>& records, const ZipWriteOptions& op
 // holds the old file or the new one). When the target exists, Linux's
 // renameat2(RENAME_EXCHANGE) swaps the two and the old file is then unlinked
 // (best effort: the swap is the commit): ext4 forces the allocation and
-// writeback of a file renamed over an existing one (auto_da_alloc), about
-// 0.4 s per GB here, and does not for an exchange. Elsewhere, or where the
-// file system cannot exchange, rename(2). Throws std::system_error.
+// writeback of a file renamed over an existing one (auto_da_alloc), and does
+// not for an exchange. Elsewhere, or where the file system cannot exchange,
+// rename(2). Throws std::system_error.
 void replace_file(const std::string& temporary, const std::string& target);
 
 }  // namespace fastckpt

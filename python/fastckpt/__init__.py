@@ -22,7 +22,8 @@ _LAZY = {
     "open": "fastckpt.reader",
     "load_sharded": "fastckpt.loader",
     "convert": "fastckpt.converter",
-    "save": "fastckpt.writer",
+    "save": "fastckpt.saver",
+    "AsyncSaver": "fastckpt.saver",
 }
 
 
@@ -38,6 +39,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastckpt' has no attribute {name!r}")
 
 __all__ = [
+    "AsyncSaver",
     "CheckpointError",
     "FormatError",
     "IntegrityError",

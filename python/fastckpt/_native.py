@@ -8,6 +8,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     allocate,
     check_crc,
     check_tensor_in_storage,
+    copy_memory,
     crc32,
     crc32_combine,
     crc32_implementation,
@@ -20,5 +21,7 @@ from fastckpt._core import (  # noqa: F401  (re-exported)
     StoragePlan,
     type_dispatch,
     unpickle,
+    write_pieces,
     write_zip,
+    zip_data_offsets,
 )

@@ -169,6 +169,12 @@ class _CudaSession:
                 packed.copy_(buffer[lo:hi], non_blocking=True)
                 torch._foreach_copy_([dst for dst, _, _ in run], [packed[at - lo : at - lo + n] for _, at, n in run])
 
+    def to_host(self, device, buffer: torch.Tensor, pieces) -> None:
+        """Saves: copies each piece's `src` (a device tensor of n bytes) into buffer[at : at + n]."""
+        with torch.cuda.stream(self._copy[device]):
+            for src, at, n in pieces:
+                buffer[at : at + n].copy_(src, non_blocking=True)
+
     def record(self, device):
         event = torch.cuda.Event(blocking=True)  # a waiting thread sleeps instead of spinning a core
         event.record(self._copy[device])
@@ -213,6 +219,11 @@ class _MpsSession:
     def copy(device, buffer: torch.Tensor, pieces) -> None:
         for dst, at, n in pieces:
             dst.copy_(buffer[at : at + n], non_blocking=True)
+
+    @staticmethod
+    def to_host(device, buffer: torch.Tensor, pieces) -> None:
+        for src, at, n in pieces:
+            buffer[at : at + n].copy_(src, non_blocking=True)
 
     @staticmethod
     def record(device):
@@ -277,7 +288,8 @@ def staging_device(target: str):
     return (backend, resolved) if resolved is not None else None
 
 
-def _slot_bytes(staging_bytes: int) -> int:
+def slot_bytes(staging_bytes: int) -> int:
+    """The size of each of the SLOTS ring buffers that `staging_bytes` allows."""
     # A power of two: torch's pinned allocator rounds sizes up to one, which would break the bound.
     return 1 << ((staging_bytes // SLOTS).bit_length() - 1)
 
@@ -352,10 +364,10 @@ class Stager:
         self._threads = threads
         self._device = {key: device for key, _, device in staged}
         self._size = {key: record.size for key, record, _ in staged}
-        self._limit = _slot_bytes(staging_bytes)
+        self._limit = slot_bytes(staging_bytes)
         self._chunks = _chunks(staged, self._limit)
         need = max((c.nbytes for c in self._chunks), default=0)
-        self._buffer_bytes = 1 << (need - 1).bit_length() if need else 0  # a power of two, as _slot_bytes
+        self._buffer_bytes = 1 << (need - 1).bit_length() if need else 0  # a power of two, as slot_bytes
         self._devices = sorted({d for _, _, d in staged}, key=str)
         self._lock = threading.Lock()  # device allocation: the unpickling and the stager both ask
         self._tensors: dict[str, torch.Tensor] = {}

@@ -148,18 +148,27 @@ class _FakeSession:
         return self._backend._device_block(nbytes)
 
     def copy(self, device, buffer: torch.Tensor, pieces) -> None:
+        self._issue([(dst, buffer[at : at + n]) for dst, at, n in pieces])
+
+    def to_host(self, device, buffer: torch.Tensor, pieces) -> None:
+        """Saves: each piece's `src` (n bytes of "device" memory) into buffer[at : at + n]."""
+        self._issue([(buffer[at : at + n], src) for src, at, n in pieces])
+
+    def _issue(self, pairs) -> None:
+        """Queues the (destination, source) copies as one; early_refills compares the sources' bytes
+        now with theirs when the copy runs."""
         b = self._backend
-        nbytes = sum(n for _, _, n in pieces)
+        nbytes = sum(src.numel() for _, src in pairs)
         with b._lock:
             b.in_flight += nbytes
             b.max_in_flight = max(b.max_in_flight, b.in_flight)
-        digest = zlib.crc32(b"".join(buffer[at : at + n].numpy().tobytes() for _, at, n in pieces))
+        digest = zlib.crc32(b"".join(src.numpy().tobytes() for _, src in pairs))
         with self._changed:
             if self._closing:
                 b.copies_after_close += 1
             self._issued += 1
             b._logged("issue", self._issued)
-            self._queue.append((self._issued, buffer, pieces, nbytes, digest))
+            self._queue.append((self._issued, pairs, nbytes, digest))
             self._changed.notify_all()
 
     def record(self, device) -> _FakeEvent:
@@ -191,8 +200,7 @@ class _FakeSession:
                 if not self._queue:
                     self._stopped.set()
                     return
-                n, buffer, pieces, nbytes, digest = self._queue.pop(0)
-            source = None
+                n, pairs, nbytes, digest = self._queue.pop(0)
             try:
                 if self._error is None:  # a failed copy poisons the rest, as a CUDA error does
                     b._logged("start", n)
@@ -202,17 +210,16 @@ class _FakeSession:
                         b.on_copy(n)
                     if n == b.fail_copy:
                         raise RuntimeError(f"fake device: copy {n} failed")
-                    source = [buffer[at : at + k] for _, at, k in pieces]
-                    if zlib.crc32(b"".join(s.numpy().tobytes() for s in source)) != digest:
+                    if zlib.crc32(b"".join(src.numpy().tobytes() for _, src in pairs)) != digest:
                         b.early_refills += 1
-                    for (dst, _, _), src in zip(pieces, source):
+                    for dst, src in pairs:
                         dst.copy_(src)
                     b._logged("done", n)
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits, as a device error is
                 self._error = e.with_traceback(None)  # its frames (this one's blocks) are not kept
             with b._lock:
                 b.in_flight -= nbytes
-            buffer = pieces = source = None  # no block outlives its copy here
+            pairs = None  # no block outlives its copy here
             with self._changed:
                 self._done += 1
                 self._changed.notify_all()

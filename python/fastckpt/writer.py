@@ -16,11 +16,12 @@ import io
 import os
 import pickle
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.serialization as _ts
 
-from fastckpt import _native
+from fastckpt import _native, devices
 from fastckpt._atomic import write_file
 
 __all__ = ["save"]
@@ -40,6 +41,7 @@ def save(
     threads=None,
     atomic=True,
     fsync=False,
+    staging_bytes=None,
 ):
     """Save `obj` like ``torch.save`` does, with storages written in parallel, CRC-32 included.
 
@@ -51,6 +53,9 @@ def save(
       previous one stays). File objects are written in order, as torch does; ``atomic`` does not
       apply to them.
     * ``fsync``: flush the file (and, for an atomic save, its directory) to stable storage.
+    * ``staging_bytes``: host memory for CUDA/MPS storages saved to a path (default
+      ``devices.DEFAULT_STAGING_BYTES``): they stream device → a ring of reused (pinned) buffers →
+      file, the copies overlapped with the writing, instead of a host copy of every storage at once.
 
     ``_use_new_zipfile_serialization=False`` (the legacy format, still atomic) and
     ``torch.serialization.skip_data`` (in place, as torch does it) are handed to torch's own writer.
@@ -70,37 +75,230 @@ def save(
             _ts._save(obj, opened, pickle_module, pickle_protocol, _disable_byteorder_record)
         return
 
-    gc_was_enabled = gc.isenabled()
-    # A save makes several objects per tensor, nearly all freed when it ends: collections meanwhile cost
-    # ~30% of the pickling, and re-enabled any earlier the first one would walk the save's bookkeeping
-    # (dicts over every storage: ~60-90 ms for 100k tensors).
-    gc.disable()
-    try:
-        _save_zip(obj, f, pickle_module, pickle_protocol, _disable_byteorder_record, threads, atomic, fsync)
-    finally:  # after _save_zip's frame, and everything it made, is gone
-        if gc_was_enabled:
+    staging_bytes = devices.check_staging_bytes(staging_bytes)
+    with collection_paused():
+        _save_zip(obj, f, pickle_module, pickle_protocol, _disable_byteorder_record, threads, atomic, fsync,
+                  staging_bytes)
+
+
+class collection_paused:
+    """Garbage collection off for a save, restored as it was when the block is left.
+
+    A save makes several objects per tensor, nearly all freed when it ends: collections meanwhile cost
+    ~30% of the pickling, and re-enabled any earlier the first one would walk the save's bookkeeping
+    (dicts over every storage). Leave the block after the frame holding the save's objects is gone."""
+
+    def __enter__(self):
+        self._was_enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self._was_enabled:
             gc.enable()
 
 
-def _save_zip(obj, f, pickle_module, pickle_protocol, disable_byteorder: bool, threads, atomic: bool, fsync: bool):
-    from torch.utils.serialization import config
+def check_zip_save(f, pickle_module, use_new_zipfile_serialization: bool) -> None:
+    """torch.save's checks of its arguments, for a save in the zip format fastckpt writes."""
+    torch._C._log_api_usage_once("torch.save")
+    _ts._check_dill_version(pickle_module)
+    _ts._check_save_filelike(f)
+    if not use_new_zipfile_serialization or _ts._serialization_tls.skip_data:
+        raise ValueError("a background save writes the zip format with data: _use_new_zipfile_serialization=False "
+                         "and torch.serialization.skip_data need fastckpt.save(..., background=False)")
 
-    alignment = config.save.storage_alignment
-    compute_crc32 = config.save.compute_crc32
-    prefix = "archive" if not isinstance(f, str) else _archive_name(f)
+
+def _save_zip(obj, f, pickle_module, pickle_protocol, disable_byteorder: bool, threads, atomic: bool, fsync: bool,
+              staging_bytes: int):
     if not isinstance(f, str):
         _check_writable(f)
-    data_pkl, storages, cpu = _pickle(obj, pickle_module, pickle_protocol)
-    records = _records(data_pkl, storages, cpu, alignment, disable_byteorder)
+    pickled = pickle_for_save(obj, f, pickle_module, pickle_protocol, disable_byteorder)
+    cpu, staged = pickled.placement()
 
     def write(target):
+        # Each storage's address and size are read now, after the pickling: an object's __reduce__ or a
+        # persistent hook may have resized or freed one (as FSDP does), and torch.save writes what a
+        # storage holds when it writes it.
+        sources = {key: ((storage.data_ptr(), storage.nbytes()),) for key, storage in cpu.items()}
+        copies = []  # host copies of device storages, alive until written
         if isinstance(target, int):
-            _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0, f)
-        else:
-            _native.write_zip(target, records, prefix, alignment, compute_crc32, threads or 0)
-            target.flush()
+            sources.update(_stream_to_file(target, f, pickled, staged, staging_bytes, threads))
+        else:  # in order, through write(): each device storage copied to the host first, as torch does
+            for key, (storage, _) in staged.items():
+                copies.append(_to_cpu(storage))
+                sources[key] = ((copies[-1].data_ptr(), copies[-1].nbytes()),)
+        write_records(target, pickled, pickled.records(sources), threads, f if isinstance(target, int) else "")
 
     write_file(f, atomic, fsync, write)
+
+
+@dataclass(eq=False)
+class Pickled:
+    """A save's data.pkl and the storages it names, keyed "0", "1"... in first-pickled order; `cpu`:
+    the keys of those the pickler knew to be CPU storages."""
+
+    prefix: str
+    alignment: int
+    compute_crc32: bool
+    disable_byteorder: bool
+    data_pkl: bytes
+    storages: dict
+    cpu: set
+
+    def placement(self) -> tuple[dict, dict]:
+        """({key: CPU storage}, {key: (device storage, its devices backend)}); storages on other devices
+        are copied to the CPU here, as torch.save does. A devices.use_backend override for "cpu"
+        (tests) sends CPU storages through its backend as if they were on a device."""
+        cpu_backend = devices.backend_for("cpu")
+        if cpu_backend is None and len(self.cpu) == len(self.storages):
+            return dict(self.storages), {}
+        cpu, staged = {}, {}
+        for key, storage in self.storages.items():
+            kind = "cpu" if key in self.cpu else storage.device.type
+            backend = cpu_backend if kind == "cpu" else devices.backend_for(kind)
+            if backend is not None:
+                staged[key] = (storage, backend)
+            elif kind == "cpu":
+                cpu[key] = storage
+            else:
+                cpu[key] = self.storages[key] = _to_cpu(storage)
+        return cpu, staged
+
+    def records(self, sources: dict) -> list:
+        """Every record in torch's order: (name, data, ...) with each storage's (data, ...) tuple from
+        `sources` (see _native.write_zip)."""
+        return self._framed([(f"data/{key}", *sources[key]) for key in self.storages])
+
+    def data_offsets(self) -> dict:
+        """{key: where its storage's data goes in the file}, for storages of their current sizes (the
+        layout depends on names and sizes only)."""
+        framed = self._framed([(f"data/{key}", s.nbytes()) for key, s in self.storages.items()])
+        sizes = [(name, data if isinstance(data, int) else len(data)) for name, data in framed]
+        offsets = dict(zip((name for name, _ in sizes), _native.zip_data_offsets(sizes, self.prefix, self.alignment)))
+        return {key: offsets[f"data/{key}"] for key in self.storages}
+
+    def _framed(self, stored: list) -> list:
+        """`stored` (the storages' records) with the other records around them, in torch's order."""
+        if sys.byteorder not in ("little", "big"):
+            raise ValueError("Unknown endianness type: " + sys.byteorder)
+        byteorder = [("byteorder", sys.byteorder.encode())]
+        records = [("data.pkl", self.data_pkl), (".format_version", b"1"),
+                   (".storage_alignment", str(self.alignment).encode())]
+        if not self.disable_byteorder:
+            records += byteorder
+        records += stored
+        records.append(("version", _FORMAT_VERSION_RECORD))
+        if self.disable_byteorder:
+            records += byteorder  # torch's writer adds it when the caller did not
+        return records
+
+
+def pickle_for_save(obj, f, pickle_module, pickle_protocol, disable_byteorder: bool) -> Pickled:
+    """Pickles `obj` as torch.save does for a save to `f` (a path or a file object), under the current
+    ``torch.utils.serialization.config``."""
+    from torch.utils.serialization import config
+
+    prefix = "archive" if not isinstance(f, str) else _archive_name(f)
+    data_pkl, storages, cpu = _pickle(obj, pickle_module, pickle_protocol)
+    return Pickled(prefix, config.save.storage_alignment, config.save.compute_crc32, disable_byteorder, data_pkl,
+                   storages, cpu)
+
+
+def write_records(target, pickled: Pickled, records: list, threads, path: str = "") -> None:
+    """Writes the archive of `records` to a descriptor (from offset 0) or a file object (in order)."""
+    _native.write_zip(target, records, pickled.prefix, pickled.alignment, pickled.compute_crc32, threads or 0, path)
+    if not isinstance(target, int):
+        target.flush()
+
+
+def write_to_path(path: str, pickled: Pickled, records: list, threads, *, atomic: bool, fsync: bool) -> None:
+    """write_records to `path`, atomically unless told otherwise (see save)."""
+    write_file(path, atomic, fsync, lambda target: write_records(target, pickled, records, threads, path))
+
+
+def uint8_view(storage) -> torch.Tensor:
+    """The bytes of `storage` as a 1-D uint8 tensor on its device."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),), (1,))
+
+
+def _stream_to_file(fd: int, path: str, pickled: Pickled, staged: dict, staging_bytes: int, threads) -> dict:
+    """Writes the data of the `staged` storages ({key: (storage, backend)}) to their places in the file
+    through a ring of devices.SLOTS host buffers of the backend, each refilled by the next copy once
+    its bytes are written, so copies overlap the writing and host memory stays within
+    `staging_bytes`. Returns each storage's record source for write_zip (data in the file)."""
+    if not staged:
+        return {}
+    where = pickled.data_offsets()
+    slot_bytes = devices.slot_bytes(staging_bytes)
+    sources = {}
+    by_backend: dict = {}
+    for key, (storage, backend) in staged.items():
+        by_backend.setdefault(backend, []).append((key, storage))
+    for backend, items in by_backend.items():
+        sources.update(_stream_ring(fd, path, backend, items, where, slot_bytes, pickled.compute_crc32, threads))
+    return sources
+
+
+def _stream_ring(fd, path, backend, items, where, slot_bytes, compute_crc32, threads) -> dict:
+    """_stream_to_file for the storages of one backend: [(key, storage)]."""
+    # A chunk fills one ring buffer: its parts are (key, source view, offset in the record, length,
+    # offset in the buffer); small storages share a chunk, large ones are cut into several.
+    chunks, parts, used = [], [], 0
+    sources = {}
+    for key, storage in items:
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            sources[key] = (b"", 0, 0)
+            continue
+        view = uint8_view(storage)
+        for start in range(0, nbytes, slot_bytes):
+            n = min(slot_bytes, nbytes - start)
+            if used + n > slot_bytes:
+                chunks.append(parts)
+                parts, used = [], 0
+            parts.append((key, view[start : start + n], start, n, used))
+            used += -(-n // 64) * 64
+    if parts:
+        chunks.append(parts)
+    session = backend.session(sorted({s.device for _, s in items}, key=str))
+    buffers, events = [], []  # the backend's ring buffers (shared with loads), an event list per buffer
+    crcs: dict = {}  # key -> (CRC so far, bytes so far, first bytes)
+    try:
+        def issue(i):
+            slot = i % devices.SLOTS
+            if slot == len(buffers):
+                buffers.append(backend.ring.take(slot_bytes, slot_bytes))
+                events.append(None)
+            by_device: dict = {}
+            for _, view, _, n, at in chunks[i]:
+                by_device.setdefault(view.device, []).append((view, at, n))
+            for device, pieces in by_device.items():
+                session.to_host(device, buffers[slot][0], pieces)
+            events[slot] = [session.record(d) for d in by_device]
+
+        for i in range(min(devices.SLOTS, len(chunks))):
+            issue(i)
+        for i, chunk in enumerate(chunks):
+            slot = i % devices.SLOTS
+            for event in events[slot]:
+                event.synchronize()
+            buffer, view = buffers[slot]
+            base = buffer.data_ptr()
+            pieces = [(where[key] + start, base + at, n) for key, _, start, n, at in chunk]
+            written = _native.write_pieces(fd, pieces, compute_crc32, threads or 0, path)
+            for (key, _, start, n, at), crc in zip(chunk, written):
+                if start == 0:
+                    crcs[key] = (crc, n, view[at : at + min(n, 8)].tobytes())
+                else:
+                    before, done, lead = crcs[key]
+                    crcs[key] = (_native.crc32_combine(before, crc, n), done + n, lead)
+            if i + devices.SLOTS < len(chunks):
+                issue(i + devices.SLOTS)
+    finally:
+        session.close()  # no copy into the buffers runs past here
+        backend.ring.give(buffers)
+    for key, (crc, done, lead) in crcs.items():
+        sources[key] = (lead, crc, done)
+    return sources
 
 
 def _legacy_save(obj, target, pickle_module, pickle_protocol):
@@ -137,10 +335,10 @@ def _check_writable(buffer) -> None:
 
 
 def _pickle(obj, pickle_module, pickle_protocol):
-    """data.pkl, the storages it references keyed "0", "1"... in first-pickled order, and the
-    (address, nbytes) of those known to be on the CPU."""
+    """data.pkl, the storages it references keyed "0", "1"... in first-pickled order, and the keys of
+    those known to be on the CPU."""
     storages: dict[str, torch.UntypedStorage] = {}
-    cpu: dict[str, tuple[int, int]] = {}
+    cpu: set[str] = set()
     keys: dict[int, str] = {}  # storage._cdata -> key
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype: one memory may not be saved as two dtypes
 
@@ -175,9 +373,9 @@ def _pickle(obj, pickle_module, pickle_protocol):
         dtype = t.dtype
         rebuild, storage_type, id_dtype, itemsize = kinds.get(dtype) or _storage_kind(dtype)
         storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        key = key_of(storage, id_dtype, ptr)
-        cpu[key] = (ptr, nbytes)
+        nbytes = storage.nbytes()
+        key = key_of(storage, id_dtype, storage.data_ptr())
+        cpu.add(key)
         pid = persistent_id(("storage", storage_type, key, "cpu", nbytes // itemsize))
         args = (pid, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad, empty_hooks(ordered_dict))
         if rebuild is rebuild_v3:
@@ -280,28 +478,6 @@ class _EmptyHooks(tuple):
 
 
 _ORDERED_DICT_REDUCE = (collections.OrderedDict, ())
-
-
-def _records(data_pkl: bytes, storages: dict, cpu: dict, alignment: int, disable_byteorder: bool) -> list:
-    """Every record in torch's order: (name, bytes), or (name, (address, nbytes)) for a storage (a CPU
-    copy of those elsewhere, kept alive in `storages`)."""
-    if sys.byteorder not in ("little", "big"):
-        raise ValueError("Unknown endianness type: " + sys.byteorder)
-    byteorder = [("byteorder", sys.byteorder.encode())]
-    records = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(alignment).encode())]
-    if not disable_byteorder:
-        records += byteorder
-    for key, storage in storages.items():
-        source = cpu.get(key)
-        if source is None:
-            if storage.device.type != "cpu":
-                storage = storages[key] = _to_cpu(storage)
-            source = (storage.data_ptr(), storage.nbytes())
-        records.append((f"data/{key}", source))
-    records.append(("version", _FORMAT_VERSION_RECORD))
-    if disable_byteorder:
-        records += byteorder  # torch's writer adds it when the caller did not
-    return records
 
 
 def _to_cpu(storage):

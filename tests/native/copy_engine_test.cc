@@ -194,6 +194,31 @@ void test_truncated_file() {
 
 }  // namespace
 
+// copy_memory: large copies split in chunks, runs of small ones batched,
+// empty ones, with and without CRC, for several thread counts.
+void test_copy_memory(const std::vector<uint8_t>& bytes) {
+  const std::vector<std::pair<uint64_t, uint64_t>> ranges = {
+      {0, (20u << 20) + 7}, {5, 0}, {100, 3}, {1000, 65535}, {7, 65536}, {300, 1}, {(20u << 20), 9u << 20}};
+  for (unsigned threads : {1u, 4u}) {
+    for (bool crc : {false, true}) {
+      std::vector<std::vector<uint8_t>> out;
+      std::vector<fastckpt::MemoryCopy> copies;
+      for (const auto& [at, n] : ranges) {
+        out.emplace_back(n + 1, 0xAB);
+        copies.push_back({out.back().data(), bytes.data() + at, n});
+      }
+      const std::vector<uint32_t> crcs = fastckpt::copy_memory(copies, crc, threads);
+      CHECK(crcs.size() == ranges.size());
+      for (size_t i = 0; i < ranges.size(); ++i) {
+        const auto [at, n] = ranges[i];
+        CHECK(std::memcmp(out[i].data(), bytes.data() + at, n) == 0);
+        CHECK(out[i][n] == 0xAB);  // nothing past the range
+        CHECK(crcs[i] == (crc ? fastckpt::crc32(0, bytes.data() + at, n) : 0u));
+      }
+    }
+  }
+}
+
 int main() {
   CHECK(fastckpt::default_thread_count() >= 1);
   const std::vector<uint8_t> bytes = random_bytes((30u << 20) + 123, 10);
@@ -211,6 +236,7 @@ int main() {
     test_bounds(*anon);
   }
   test_truncated_file();
+  test_copy_memory(bytes);
   if (native_test::failures != 0) {
     std::fprintf(stderr, "%d check(s) failed\n", native_test::failures);
     return 1;

@@ -179,8 +179,72 @@ void test_replace_file() {
 
 }  // namespace
 
+// Records whose data write_pieces put in the file first (in_file, CRC given)
+// and records with a precomputed CRC give the same file as plain records.
+void test_pieces_and_known_crcs() {
+  std::vector<std::vector<uint8_t>> data = {random_bytes(200, 1), random_bytes((9u << 20) + 5, 2),
+                                            random_bytes(7, 3), {}, random_bytes(70u << 10, 4),
+                                            random_bytes(3000, 5)};
+  std::vector<ZipSource> plain;
+  std::vector<std::pair<std::string, uint64_t>> names;
+  for (size_t i = 0; i < data.size(); ++i) {
+    plain.push_back({"data/" + std::to_string(i), data[i].data(), data[i].size()});
+    names.emplace_back(plain.back().name, plain.back().size);
+  }
+  fastckpt::ZipWriteOptions options;
+  options.prefix = "p";
+  options.threads = 3;
+  const std::string expected_path = temp_path("plain.pt"), got_path = temp_path("pieces.pt");
+  int fd = ::open(expected_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  CHECK(fd >= 0);
+  fastckpt::write_zip_file(fd, plain, options);
+  ::close(fd);
+  const std::vector<uint8_t> expected = read_file(expected_path);
+
+  const fastckpt::ZipLayout layout = fastckpt::zip_layout(names, options);
+  fd = ::open(got_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  CHECK(fd >= 0);
+  // Odd records go in the file first, in two pieces each; even ones keep
+  // their bytes and get their CRC up front.
+  std::vector<fastckpt::FilePiece> pieces;
+  for (size_t i = 1; i < data.size(); i += 2) {
+    const uint64_t half = data[i].size() / 2, at = layout.entries()[i].data_offset;
+    pieces.push_back({at + half, data[i].data() + half, data[i].size() - half});
+    pieces.push_back({at, data[i].data(), half});
+  }
+  const std::vector<uint32_t> piece_crcs = fastckpt::write_pieces(fd, pieces, true, 3);
+  std::vector<ZipSource> mixed = plain;
+  for (size_t i = 0, p = 0; i < data.size(); ++i) {
+    const uint32_t whole = fastckpt::crc32(0, data[i].data(), data[i].size());
+    if (i % 2 == 0) {
+      mixed[i].crc = whole;
+      continue;
+    }
+    const uint64_t half = data[i].size() / 2;
+    CHECK(fastckpt::crc32_combine(piece_crcs[p + 1], piece_crcs[p], data[i].size() - half) == whole);
+    p += 2;
+    mixed[i].crc = whole;
+    mixed[i].in_file = true;  // data keeps pointing at the first bytes, all the id reads
+  }
+  fastckpt::write_zip_file(fd, mixed, options);
+  ::close(fd);
+  CHECK(read_file(got_path) == expected);
+
+  bool threw = false;  // in the file without a CRC: refused before writing
+  mixed[1].crc.reset();
+  try {
+    fastckpt::write_zip_file(-1, mixed, options);
+  } catch (const fastckpt::Error&) {
+    threw = true;
+  }
+  CHECK(threw);
+  std::remove(expected_path.c_str());
+  std::remove(got_path.c_str());
+}
+
 int main() {
   test_file_equals_stream_and_reads_back();
+  test_pieces_and_known_crcs();
   test_zip64_layout();
   test_errors_before_writing();
   test_replace_file();
