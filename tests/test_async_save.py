@@ -380,6 +380,8 @@ def test_sigkill_during_background_writes_never_tears(tmp_path):
         assert torch.equal(got["w"], versions[got["version"]]["w"])
     for name in os.listdir(tmp_path):  # a killed write may leave its temporary, never anything else
         assert name == "k.pt" or (name.startswith(".k.pt.") and name.endswith(".tmp")), name
+    fastckpt.save(versions[0], p, background=True).result()  # the next save removes the dead writers' temporaries
+    assert os.listdir(tmp_path) == ["k.pt"]
 
 
 # --------------------------------------------------------------------------- synchronous device saves
