@@ -160,3 +160,13 @@ def test_error_reports_rebuild_the_same_exception():
         expected = RuntimeError if type(error) is ArithmeticError else type(error)
         assert type(again) is expected
         assert str(error) in str(again) or (isinstance(error, KeyError) and str(again) == str(error))
+
+
+def test_unwanted_storages_are_named_for_the_storage_plan():
+    """A partial load leaves the storages a rank did not ask for on the CPU: their keys go to the load's
+    storage plan (keep_on_cpu), the one place that decides a storage's destination."""
+    file = {"records": [["data.pkl", 0, 64, 0, False], ["data/0", 64, 100, 0, True], ["data/1", 164, 50, 0, True],
+                        ["data/2", 214, 0, 0, True], ["data/3", 214, 30, 0, True], ["version", 244, 2, 0, False]]}
+    assert selection.unwanted_keys(file, [[64, 164]]) == {"1", "3"}
+    assert selection.unwanted_keys(file, [[170, 180], [220, 221]]) == {"0"}
+    assert selection.unwanted_keys(file, []) == {"0", "1", "3"}

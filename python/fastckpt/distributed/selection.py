@@ -59,12 +59,12 @@ def _keep_on_cpu(storage, location):
     return storage
 
 
-def load_image(archive, map_location, opts):
+def load_image(archive, map_location, opts, keep_on_cpu=frozenset()):
     """The object in a file image (an archive over memory every wanted byte has reached), as fastckpt.load
     makes it; storages are views of the image (their CRCs were checked when they were read)."""
     return loader.load_archive(archive, map_location, opts["pickle_module"], weights_only=opts["weights_only"],
                                mmap=True, verify=False, threads=opts["threads"],
-                               pickle_load_args=dict(opts["pickle_load_args"]))
+                               pickle_load_args=dict(opts["pickle_load_args"]), keep_on_cpu=keep_on_cpu)
 
 
 def _base_address(archive) -> int:
@@ -111,29 +111,24 @@ def wanted_shards(plan: dict, keys) -> list:
     return [[[0, file["size"]]] if name in names else [] for name, file in zip(plan["shards"], plan["files"])]
 
 
-def _restore_only(archive, wanted, map_location):
-    """A map_location that applies the caller's to the storages this rank asked for and leaves the
-    others (never received: zero pages) as CPU views, so they are not copied to a device."""
-    base = _base_address(archive)
-    restore = torch.serialization._get_restore_location(map_location)
+def unwanted_keys(file: dict, wanted: list) -> frozenset:
+    """The storage keys this rank did not ask for (never received: zero pages): the load's storage plan
+    leaves them as CPU views whatever map_location says, so they are not copied to a device."""
     ends = [end for _, end in wanted]
-
-    def restore_wanted(storage, location):
-        start = storage.data_ptr() - base
-        j = bisect.bisect_right(ends, start)  # the first wanted range ending after the storage starts
-        if storage.nbytes() and not (j < len(wanted) and wanted[j][0] < start + storage.nbytes()):
-            return storage
-        return restore(storage, location)
-
-    return restore_wanted
+    keys = set()
+    for name, start, size, _, storage in file["records"]:
+        j = bisect.bisect_right(ends, start)  # the first wanted range ending after the record starts
+        if storage and size and not (j < len(wanted) and wanted[j][0] < start + size):
+            keys.add(name[len("data/"):])
+    return frozenset(keys)
 
 
 def assemble(plan, images, wanted, map_location, keys, slices, partial: bool, opts):
     """This rank's result from its file images."""
     if plan["kind"] == "file":
         archive = _native.Archive.from_buffer(images[0])
-        where = _restore_only(archive, wanted[0], map_location) if partial else map_location
-        return select(load_image(archive, where, opts), keys, slices)
+        unwanted = unwanted_keys(plan["files"][0], wanted[0]) if partial else frozenset()
+        return select(load_image(archive, map_location, opts, unwanted), keys, slices)
     index = _formats.ShardIndex(pathlib.Path(plan["index"]), plan["weight_map"], None)
     merged_state = {}
     for name, file, image, want in zip(plan["shards"], plan["files"], images, wanted):
